@@ -1,0 +1,3 @@
+from prefetchd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Dataset strings in the DINOv2/v3 convention: `Name:key=value:key=value`.
+
+    JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images
+    JUMPLocal:root=/data/jump
+
+The endpoint is deliberately not part of the string (see `prefetchd.s3.resolve_endpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from prefetchd.channels import DEFAULT_CHANNELS, parse_channels
+from prefetchd.errors import DatasetError
+
+DEFAULT_DATASET = (
+    "JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images"
+)
+
+_KEYS: dict[str, dict[str, bool]] = {
+    # name -> {key: required}
+    "JUMPS3MultiView": {"bucket": True, "prefix": False, "max_samples": False, "channels": False, "index": False},
+    "JUMPLocal": {"root": True, "max_samples": False, "channels": False, "index": False},
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    bucket: str | None = None
+    prefix: str = ""
+    root: str | None = None
+    max_samples: int | None = None
+    channels: tuple[str, ...] = DEFAULT_CHANNELS
+    index: str | None = None
+    text: str = field(default="", compare=False)
+
+    @property
+    def is_local(self) -> bool:
+        return self.name == "JUMPLocal"
+
+    @property
+    def location(self) -> str:
+        return self.root if self.is_local else f"s3://{self.bucket}/{self.prefix}"
+
+    def cache_key(self, endpoint: str | None) -> str:
+        """Key of the on-disk index cache: the listing depends on where, not on which subset is used."""
+        where = f"local:{os.path.abspath(self.root)}" if self.is_local else f"s3:{endpoint or 'aws'}:{self.bucket}/{self.prefix}"
+        return hashlib.sha256(f"{where}|index={self.index or ''}".encode()).hexdigest()[:24]
+
+
+def parse_dataset(text: str) -> DatasetSpec:
+    """Parse and validate a dataset string; every mistake names what to change."""
+    if not isinstance(text, str) or not text.strip():
+        raise DatasetError(f"empty dataset string; expected for example {DEFAULT_DATASET!r}")
+    name, *pairs = text.strip().split(":")
+    if name not in _KEYS:
+        raise DatasetError(
+            f"unknown dataset name {name!r}; accepted names: {', '.join(_KEYS)} "
+            f"(for example {DEFAULT_DATASET!r})"
+        )
+    accepted = _KEYS[name]
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "=" in value:
+            raise DatasetError(
+                f"malformed part {pair!r} in dataset string {text!r}: expected key=value "
+                "separated by ':' (values cannot contain ':' or '=')"
+            )
+        if key not in accepted:
+            raise DatasetError(
+                f"unknown key {key!r} for {name}; accepted keys: {', '.join(accepted)}"
+            )
+        if key in values:
+            raise DatasetError(f"key {key!r} given twice in dataset string {text!r}")
+        values[key] = value
+    missing = [key for key, required in accepted.items() if required and key not in values]
+    if missing:
+        raise DatasetError(f"{name} needs {', '.join(k + '=…' for k in missing)} (in {text!r})")
+
+    max_samples = None
+    if "max_samples" in values:
+        try:
+            max_samples = int(values["max_samples"])
+        except ValueError:
+            max_samples = -1
+        if max_samples <= 0:
+            raise DatasetError(f"max_samples must be a positive integer, got {values['max_samples']!r}")
+    channels = parse_channels(values.get("channels"))
+    if name == "JUMPLocal":
+        root = os.path.expanduser(values["root"])
+        return DatasetSpec(name, root=root, max_samples=max_samples, channels=channels,
+                           index=values.get("index"), text=text)
+    bucket = values["bucket"]
+    if not bucket or "/" in bucket:
+        raise DatasetError(f"bucket must be a bare bucket name like 'cellpainting-gallery', got {bucket!r}")
+    prefix = values.get("prefix", "").strip("/")
+    return DatasetSpec(name, bucket=bucket, prefix=prefix, max_samples=max_samples,
+                       channels=channels, index=values.get("index"), text=text)
