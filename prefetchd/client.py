@@ -1,0 +1,131 @@
+"""The trainer's side: attach to the daemon and read batches as zero-copy views of its arena.
+
+    stream = attach(dataset=..., batch_size=32, seed=0, rank=rank, world_size=world_size)
+    for batch in stream.epoch(epoch):
+        batch.ids      # field ids, "<plate folder>/<well>/<site>"
+        batch.images   # numpy uint16 [B, C, H, W], read-only, valid until the next batch
+    stream.close()
+
+No network I/O happens here: the daemon has fetched and decoded everything already.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from prefetchd.control import ControlConnection
+from prefetchd.shm.arena import ArenaLayout
+from prefetchd.shm.batch_view import BatchView
+
+
+@dataclass
+class Batch:
+    epoch: int
+    index: int
+    ids: list[str]
+    images: np.ndarray
+    slots: list[int]
+    waited_s: float
+
+
+class Stream:
+    """One rank's connection to one job. Iterate `epoch(e)`; `close()` when done."""
+
+    def __init__(self, conn: ControlConnection, reply: dict[str, Any], batch_size: int, rank: int, world_size: int):
+        self._conn = conn
+        self.job: str = reply["job"]
+        self.layout = ArenaLayout.from_dict(reply["layout"])
+        self.fields: int = reply["fields"]
+        self.channels: list[str] = reply["channels"]
+        self.batches_per_epoch: int = reply["batches_per_epoch"]
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self._view = BatchView(self.layout, batch_size)
+        self.closed = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.layout.shape
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of `epoch` from `start_batch` on (resume skips what was consumed, with no fetch)."""
+        for index in range(start_batch, self.batches_per_epoch):
+            yield self.next(epoch, index)
+
+    def next(self, epoch: int, index: int) -> Batch:
+        reply = self._conn.request("next", epoch=epoch, batch=index)
+        if reply.get("end"):
+            raise IndexError(f"epoch {epoch} has {reply['batches']} batches for this rank; asked for {index}")
+        images = self._view.images(reply["slots"])
+        return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0))
+
+    def status(self) -> dict[str, Any]:
+        return self._conn.request("status")
+
+    def get_state(self) -> dict[str, Any]:
+        return {"job": self.job, "rank": self.rank, "world_size": self.world_size}
+
+    def close(self) -> None:
+        """Detach: leases are returned and the view unmapped. Never unlinks shared memory."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._conn.request("detach")
+        except Exception:
+            pass  # the daemon may already be gone; it reclaims leases on disconnect anyway
+        self._view.close()
+        self._conn.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self.close()
+
+
+def attach(
+    dataset: str,
+    batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    socket: str | os.PathLike | None = None,
+    job: str | None = None,
+    local_world_size: int | None = None,
+    timeout: float | None = None,
+    **options: Any,
+) -> Stream:
+    """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
+    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if job is None:
+        job = default_job_id(dataset, batch_size, seed, world_size, options)
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    conn = ControlConnection(socket, timeout=timeout)
+    try:
+        reply = conn.request("attach", dataset=dataset, batch_size=batch_size, seed=seed, rank=rank,
+                             world_size=world_size, local_world_size=local_world_size, job=job, options=options)
+    except BaseException:
+        conn.close()
+        raise
+    return Stream(conn, reply, batch_size, rank, world_size)
+
+
+def default_job_id(dataset: str, batch_size: int, seed: int, world_size: int, options: dict) -> str:
+    """Same arguments on every rank → the same job; torchrun's run id keeps separate runs apart."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    text = json.dumps([dataset, batch_size, seed, world_size, options, run], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]

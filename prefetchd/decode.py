@@ -1,0 +1,67 @@
+"""TIFF bytes → uint16 channels → preprocessing → one field written straight into its slot.
+
+Runs in the decode thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import tifffile
+
+from prefetchd.errors import CorruptObjectError
+from prefetchd.preprocess import Preprocessing, apply_channel
+
+
+def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
+    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits)."""
+    try:
+        image = tifffile.imread(io.BytesIO(data))
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise CorruptObjectError(f"{name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise CorruptObjectError(f"{name}: expected one 2-D plane, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        image = image.astype(np.uint16)
+    elif image.dtype != np.uint16:
+        raise CorruptObjectError(f"{name}: expected uint16 pixels, got {image.dtype}")
+    return image
+
+
+def decode_npy(data: bytes, *, name: str = "illum") -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise CorruptObjectError(f"{name}: not a readable .npy ({exc})") from exc
+    if array.ndim != 2:
+        raise CorruptObjectError(f"{name}: illumination function must be 2-D, got shape {array.shape}")
+    array = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)) or array.min() <= 0:
+        raise CorruptObjectError(f"{name}: illumination function has zero, negative or non-finite values")
+    return array
+
+
+def probe_shape(channel_bytes: list[bytes], names: list[str]) -> tuple[int, int, int]:
+    first = decode_tiff(channel_bytes[0], name=names[0])
+    return (len(channel_bytes), *first.shape)
+
+
+def assemble_field(
+    channel_bytes: list[bytes],
+    illums: list[np.ndarray | None],
+    opts: Preprocessing,
+    out: np.ndarray,
+    names: list[str],
+) -> None:
+    """Decode every channel and write the preprocessed stack into `out` (uint16 [C, H, W])."""
+    for c, data in enumerate(channel_bytes):
+        image = decode_tiff(data, name=names[c])
+        if image.shape != out.shape[1:]:
+            raise CorruptObjectError(f"{names[c]}: image is {image.shape}, the dataset's fields are {out.shape[1:]}")
+        illum = illums[c]
+        if illum is not None and illum.shape != image.shape:
+            raise CorruptObjectError(f"illumination function for {names[c]} is {illum.shape}, image is {image.shape}")
+        apply_channel(image, illum, opts, out[c])

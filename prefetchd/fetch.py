@@ -1,0 +1,139 @@
+"""Object stores: bounded, retried, length-checked reads from S3 (aiobotocore) or a local copy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+
+from prefetchd.counters import FetchCounters
+from prefetchd.errors import CorruptObjectError, StorageError
+
+log = logging.getLogger(__name__)
+
+# Errors worth another attempt: the connection or the body broke, not the request.
+_TRANSIENT = (
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    OSError,
+    BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+_PERMANENT_CODES = {"NoSuchKey", "404", "AccessDenied", "403", "NoSuchBucket", "InvalidObjectState"}
+
+
+class TruncatedBody(Exception):
+    pass
+
+
+class ObjectStore(Protocol):
+    counters: FetchCounters
+
+    async def get(self, key: str, expected_size: int = -1) -> bytes: ...
+
+
+def backoff_s(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Full-jitter exponential backoff (AWS architecture blog): uniform in [0, min(cap, base·2^n)]."""
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+class S3Store:
+    """GETs from one bucket through a shared aiobotocore client, at most `max_concurrency` at once.
+
+    botocore's standard retry mode already retries throttling, 5xx and connection errors on the
+    request; this class adds retries for bodies that break or come back short, which botocore
+    cannot see.
+    """
+
+    def __init__(self, client: Any, bucket: str, semaphore: asyncio.Semaphore, counters: FetchCounters,
+                 retries: int = 5):
+        self.client = client
+        self.bucket = bucket
+        self.semaphore = semaphore
+        self.counters = counters
+        self.retries = retries
+
+    async def get(self, key: str, expected_size: int = -1) -> bytes:
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._get_once(key, expected_size)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in _PERMANENT_CODES or attempt == self.retries:
+                    self.counters.errors += 1
+                    raise CorruptObjectError(f"s3://{self.bucket}/{key}: {code or exc}") from exc
+            except (*_TRANSIENT, TruncatedBody, BotoCoreError) as exc:
+                if attempt == self.retries:
+                    self.counters.errors += 1
+                    raise CorruptObjectError(
+                        f"s3://{self.bucket}/{key}: {type(exc).__name__}: {exc} after {attempt + 1} attempts"
+                    ) from exc
+                log.debug("retrying %s after %s", key, exc)
+            self.counters.retries += 1
+            await asyncio.sleep(backoff_s(attempt))
+        raise AssertionError("unreachable")
+
+    async def _get_once(self, key: str, expected_size: int) -> bytes:
+        async with self.semaphore:
+            self.counters.inflight += 1
+            self.counters.gets += 1
+            try:
+                response = await self.client.get_object(Bucket=self.bucket, Key=key)
+                async with response["Body"] as body:
+                    data = await body.read()
+            finally:
+                self.counters.inflight -= 1
+        announced = response.get("ContentLength", -1)
+        if (announced >= 0 and len(data) != announced) or (expected_size >= 0 and len(data) != expected_size):
+            raise TruncatedBody(f"got {len(data)} bytes, expected {expected_size if expected_size >= 0 else announced}")
+        self.counters.add_bytes(len(data))
+        return data
+
+
+class LocalStore:
+    """Reads from a local copy of the bucket layout (`JUMPLocal:root=...`), keys relative to root."""
+
+    def __init__(self, root: str | Path, semaphore: asyncio.Semaphore, counters: FetchCounters):
+        self.root = Path(root)
+        self.semaphore = semaphore
+        self.counters = counters
+
+    async def get(self, key: str, expected_size: int = -1) -> bytes:
+        path = self.root / key
+        async with self.semaphore:
+            self.counters.inflight += 1
+            self.counters.gets += 1
+            try:
+                data = await asyncio.to_thread(path.read_bytes)
+            except FileNotFoundError as exc:
+                self.counters.errors += 1
+                raise CorruptObjectError(f"{path}: file not found") from exc
+            except OSError as exc:
+                self.counters.errors += 1
+                raise StorageError(f"{path}: {exc.strerror}") from exc
+            finally:
+                self.counters.inflight -= 1
+        if expected_size >= 0 and len(data) != expected_size:
+            raise CorruptObjectError(f"{path}: {len(data)} bytes, expected {expected_size}")
+        self.counters.add_bytes(len(data))
+        return data
+
+
+@contextlib.asynccontextmanager
+async def no_client():
+    yield None

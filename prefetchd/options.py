@@ -1,0 +1,47 @@
+"""Attach options: what a client may choose per job, on top of the daemon's `defaults:`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefetchd.cache import POLICIES
+from prefetchd.channels import parse_channels
+from prefetchd.errors import ConfigError
+from prefetchd.preprocess import Preprocessing
+
+ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    channels: tuple[str, ...] | None
+    preprocessing: Preprocessing
+    cache_size: int
+    prefetch_factor: int
+    policy: str
+    drop_last: bool
+
+
+def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> AttachOptions:
+    unknown = sorted(set(requested) - set(ACCEPTED))
+    if unknown:
+        raise ConfigError(f"unknown attach option(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
+    merged = {**defaults, **{k: v for k, v in requested.items() if v is not None}}
+    cache_size = _positive_int("cache_size", merged["cache_size"])
+    prefetch_factor = _positive_int("prefetch_factor", merged["prefetch_factor"], allow_zero=True)
+    if merged["policy"] not in POLICIES:
+        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {merged['policy']!r}")
+    if not isinstance(merged["drop_last"], bool):
+        raise ConfigError(f"drop_last must be true or false, got {merged['drop_last']!r}")
+    preprocessing = Preprocessing.from_options(
+        illum=merged["illum"], rescale=merged.get("rescale", False), clahe=merged.get("clahe")
+    )
+    channels = parse_channels(requested["channels"]) if requested.get("channels") else None
+    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, merged["policy"], merged["drop_last"])
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+    return value

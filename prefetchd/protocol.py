@@ -1,0 +1,69 @@
+"""The control protocol: newline-delimited JSON over a unix socket, one request → one reply.
+
+Requests are size-bounded and validated against a small schema per operation before anything acts
+on them. Every error reply is `{"ok": false, "code": ..., "error": "<what to change>"}`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefetchd.errors import ProtocolError
+
+MAX_LINE = 64 * 1024  # bytes per request or reply line
+
+# op -> {field: (types, required)}
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "attach": {
+        "dataset": ((str,), True),
+        "batch_size": ((int,), True),
+        "seed": ((int,), False),
+        "rank": ((int,), False),
+        "world_size": ((int,), False),
+        "local_world_size": ((int,), False),
+        "job": ((str,), False),
+        "options": ((dict,), False),
+    },
+    "next": {"epoch": ((int,), True), "batch": ((int,), True)},
+    "release": {"slots": ((list,), True)},
+    "detach": {},
+    "status": {},
+    "stop": {},
+    "ping": {},
+}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=_default).encode() + b"\n"
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"request is not valid JSON ({exc.__class__.__name__}); send one JSON object per line") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("request must be a JSON object with an 'op' field")
+    op = request.get("op")
+    if op not in SCHEMA:
+        raise ProtocolError(f"unknown op {op!r}; accepted ops: {', '.join(SCHEMA)}")
+    fields = SCHEMA[op]
+    for name, value in request.items():
+        if name == "op":
+            continue
+        if name not in fields:
+            raise ProtocolError(f"unknown field {name!r} for op {op!r}; accepted fields: {', '.join(fields) or 'none'}")
+        types, _ = fields[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ProtocolError(f"field {name!r} of op {op!r} must be {' or '.join(t.__name__ for t in types)}")
+    missing = [name for name, (_, required) in fields.items() if required and name not in request]
+    if missing:
+        raise ProtocolError(f"op {op!r} needs field(s): {', '.join(missing)}")
+    return request

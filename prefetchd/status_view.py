@@ -1,0 +1,54 @@
+"""Human-readable rendering of the daemon's status (rich tables), used by `prefetchd status`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def render_status(s: dict[str, Any]) -> Group:
+    overview = Table(title=f"prefetchd {s['version']} (pid {s['pid']}) on {s['socket']}", show_header=False)
+    overview.add_column("counter", style="bold")
+    overview.add_column("value", justify="right")
+    rows = [
+        ("uptime", f"{s['uptime_s']:.0f} s"),
+        ("jobs", str(len(s["jobs"]))),
+        ("fields served", f"{s['fields_served']:,}"),
+        ("cache hits / misses", f"{s['cache_hits']:,} / {s['cache_misses']:,}"),
+        ("hit rate", f"{s['hit_rate']:.1%}"),
+        ("fetched", f"{_mb(s['bytes_fetched'])} in {s['gets']:,} GETs"),
+        ("fetch rate (10 s)", f"{s['fetch_mb_per_s']:.1f} MB/s"),
+        ("GETs in flight", str(s["inflight_requests"])),
+        ("retries", str(s["retries"])),
+        ("quarantined", str(s["quarantined"])),
+        ("shared memory", _mb(s["shm_bytes"])),
+        ("slots", ", ".join(f"{k.lower()} {v}" for k, v in s["slots"].items()) or "-"),
+        ("consumer stall", f"{s['stall_s']:.2f} s"),
+    ]
+    for name, p in s.get("indexing", {}).items():
+        total = p.get("plates_total")
+        rows.append(("indexing", f"{name}: {p['plates_done']}/{total if total is not None else '?'} plates, {p['keys']:,} keys"))
+    for row in rows:
+        overview.add_row(*row)
+    parts: list[Any] = [overview]
+    if s["jobs"]:
+        jobs = Table(title="jobs")
+        for col in ("job", "fields", "ranks (epoch:pos)", "served", "hit rate", "C/N bound", "fetched", "stall", "slots"):
+            jobs.add_column(col)
+        for j in s["jobs"]:
+            ranks = " ".join(f"{r}:{v['epoch']}:{v['position']}{'' if v['connected'] else '(gone)'}"
+                             for r, v in j["ranks"].items())
+            jobs.add_row(j["job"], f"{j['fields']:,}", ranks, f"{j['fields_served']:,}", f"{j['hit_rate']:.1%}",
+                         f"{j['hit_rate_bound']:.1%}", f"{j['fields_fetched']:,}", f"{j['stall_s']:.2f} s",
+                         " ".join(f"{k[0]}{v}" for k, v in j["slots"].items()))
+        parts.append(jobs)
+        for j in s["jobs"]:
+            for q in j["quarantined"][:10]:
+                parts.append(f"[red]quarantined[/red] {q['field']}: {q['reason']}")
+    return Group(*parts)
