@@ -20,7 +20,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import cv2
 import numpy as np
@@ -121,18 +121,32 @@ class SynthManifest:
         return {f.id: f for f in self.fields}
 
 
-def demo_spec(seed: int = 0) -> SynthSpec:
-    """Full-size fields for a ~1 minute streaming demo on 2 cores: 4 plates × 8 wells × 2 sites = 64 fields."""
-    return SynthSpec(
-        batches={
-            "2020_11_04_CPJUMP1": (("BR00116991", "2020-11-05T19_51_35"), ("BR00117010", "2020-11-08T18_18_00")),
-            "2020_11_18_CPJUMP1_TimepointDay1": (("BR00117054", "2020-11-19T20_41_52"),
-                                                 ("BR00116991", "2020-11-20T02_13_09")),
-        },
-        wells=("A01", "A02", "A03", "A04", "B01", "B02", "B03", "B04"),
-        sites=2,
-        seed=seed,
-    )
+DEMO_PLATES = {
+    "2020_11_04_CPJUMP1": (("BR00116991", "2020-11-05T19_51_35"), ("BR00117010", "2020-11-08T18_18_00")),
+    "2020_11_18_CPJUMP1_TimepointDay1": (("BR00117054", "2020-11-19T20_41_52"), ("BR00116991", "2020-11-20T02_13_09")),
+}
+DEMO_SITES = 2
+
+
+def demo_spec(fields: int = 64, size: int = 1080, seed: int = 0) -> SynthSpec:
+    """Full-size fields for a ~1 minute streaming demo on 2 cores: 4 plates in 2 batches × 2 sites × wells.
+
+    Gives at least `fields` fields (rounded up to whole wells of 8 fields; multiples of 32 balance phenotypes).
+    64 full-size fields are ~750 MB of TIFFs.
+    """
+    per_well = sum(len(plates) for plates in DEMO_PLATES.values()) * DEMO_SITES
+    well_count = -(-max(1, fields) // per_well)
+    return SynthSpec(batches=DEMO_PLATES, wells=balanced_wells(well_count), sites=DEMO_SITES,
+                     height=size, width=size, seed=seed)
+
+
+def balanced_wells(count: int) -> tuple[str, ...]:
+    """The first `count` wells taken in 2×2 blocks (A01 A02 B01 B02 A03 ...): phenotypes stay balanced."""
+    if not 1 <= count <= 384:
+        raise ValueError(f"a 384-well plate has 1..384 wells, asked for {count}")
+    wells = [well_name(block_row * 2 + dr + 1, block_col * 2 + dc + 1)
+             for block_row in range(8) for block_col in range(12) for dr in (0, 1) for dc in (0, 1)]
+    return tuple(wells[:count])
 
 
 def test_spec(seed: int = 0) -> SynthSpec:
@@ -267,6 +281,8 @@ PHENOTYPE_TRAITS: tuple[Phenotype, ...] = (
     Phenotype(mito_puncta=70, mito_gain=1.8),
     Phenotype(rna_gain=2.6, er_gain=0.35),
 )
+Shape = tuple[int, int]
+Renderer = Callable[[np.random.Generator, Cells, Shape, Phenotype], np.ndarray]
 PIXELS_PER_CELL = 5200          # ~220 cells in a 1080² field
 BACKGROUND = 340.0
 NOISE_SIGMA = 22.0
@@ -333,48 +349,48 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], grain: int) -> np
     return cv2.resize(small, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def render_dna(rng, cells, shape, traits):
+def render_dna(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
     # DNA content is conserved, so larger nuclei are a little dimmer per pixel.
     values = 4200.0 * cells.brightness / traits.nucleus_scale ** 0.5
     nuclei = _blur(_nuclei_mask(cells, shape, values), 1.5)
     return nuclei * (0.85 + 0.3 * _texture(rng, shape, 3))
 
 
-def render_er(rng, cells, shape, traits):
+def render_er(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
     cytoplasm = _cell_disks(cells, shape, 1500.0 * cells.brightness * traits.er_gain)
     perinuclear = _nuclei_mask(cells, shape, 900.0 * cells.brightness * traits.er_gain, scale=1.35)
     reticulum = _texture(rng, shape, 4) ** 2
     return _blur((cytoplasm + perinuclear) * (0.3 + 1.4 * reticulum), 2.0)
 
 
-def render_rna(rng, cells, shape, traits):
+def render_rna(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
     cytoplasm = _cell_disks(cells, shape, 500.0 * cells.brightness * traits.rna_gain)
     nucleoli = _scatter_points(rng, cells, shape, 3, np.zeros_like(cells.y), cells.nucleus_radius * 0.6,
                                60000.0 * traits.rna_gain ** 0.5)
     return _blur(cytoplasm, 3.0) + _blur(nucleoli, 2.2)
 
 
-def render_agp(rng, cells, shape, traits):
+def render_agp(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
     membranes = _cell_disks(cells, shape, 2600.0 * cells.brightness, thickness=2)
     actin = _cell_disks(cells, shape, 350.0 * cells.brightness) * _texture(rng, shape, 2)
     return _blur(membranes + actin, 1.3)
 
 
-def render_mito(rng, cells, shape, traits):
+def render_mito(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
     puncta = _scatter_points(rng, cells, shape, traits.mito_puncta, cells.nucleus_radius * 1.05,
                              cells.cell_radius * 0.95, 22000.0 * traits.mito_gain)
     return _blur(puncta, 1.2)
 
 
-def render_brightfield(focus_sigma: float):
-    def render(rng, cells, shape, traits):
+def render_brightfield(focus_sigma: float) -> Renderer:
+    def render(rng: np.random.Generator, cells: Cells, shape: Shape, traits: Phenotype) -> np.ndarray:
         edges = _cell_disks(cells, shape, np.full_like(cells.y, 500.0), thickness=2)
         nuclei = _nuclei_mask(cells, shape, np.full_like(cells.y, 250.0))
         return 1800.0 + _blur(edges - nuclei, focus_sigma)
     return render
 
 
-RENDERERS = {
+RENDERERS: dict[str, Renderer] = {
     "DNA": render_dna,
     "ER": render_er,
     "RNA": render_rna,

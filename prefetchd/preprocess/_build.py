@@ -8,6 +8,7 @@ helper is for a checkout where that has not happened yet. Without the kernel, pr
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -32,6 +33,9 @@ def main() -> int:
     dist = Distribution({"name": "prefetchd-clahe", "ext_modules": [extension()]})
     cmd = build_ext(dist)
     cmd.inplace = True
+    tmp = tempfile.mkdtemp(prefix="prefetchd-build-")
+    cmd.build_temp = os.path.join(tmp, "temp")
+    cmd.build_lib = os.path.join(tmp, "lib")
     cmd.ensure_finalized()
     cmd.run()
     print("built", cmd.get_ext_fullpath("prefetchd.preprocess._clahe"))

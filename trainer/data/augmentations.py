@@ -1,0 +1,125 @@
+"""Multi-crop augmentation on the device, batched: random resized crops, flips and intensity jitter.
+
+One `grid_sample` per view crops, resizes and flips the whole batch at once. Views are returned in
+the DINOv2 collate layout: global crops [2·B, c, G, G] (view-major), local crops [n·B, c, L, L].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CHANNEL_AS_VIEW = "channel_as_view"
+ALL_CHANNELS = "all_channels"
+
+
+class MultiCropAugmentation:
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number: int,
+                 global_crops_size: int = 224, local_crops_size: int = 96,
+                 mode: str = CHANNEL_AS_VIEW, local_mean_probability: float = 0.3,
+                 flip_probability: float = 0.5, intensity_jitter: float = 0.2):
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.local_crops_number = local_crops_number
+        self.global_crops_size = global_crops_size
+        self.local_crops_size = local_crops_size
+        self.mode = mode
+        self.local_mean_probability = local_mean_probability
+        self.flip_probability = flip_probability
+        self.intensity_jitter = intensity_jitter
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """images: normalised float [B, C, H, W] on the device; `generator` (CPU) draws every choice."""
+        B, C = images.shape[:2]
+        sources = self._view_sources(images)
+        global_choice = [torch.full((B,), C), torch.randint(0, C, (B,), generator=generator)]
+        global_crops = [
+            self._crop(sources, choice, self.global_crops_scale, self.global_crops_size, generator)
+            for choice in global_choice
+        ]
+        local_crops = [
+            self._crop(sources, self._local_choice(B, C, generator), self.local_crops_scale,
+                       self.local_crops_size, generator)
+            for _ in range(self.local_crops_number)
+        ]
+        out = {"global_crops": torch.cat(global_crops), "n_global": 2, "n_local": self.local_crops_number}
+        out["local_crops"] = torch.cat(local_crops) if local_crops else None
+        return out
+
+    def _view_sources(self, images: torch.Tensor) -> torch.Tensor:
+        """channel_as_view: the C channels plus their mean as channel C; all_channels: unchanged."""
+        if self.mode == ALL_CHANNELS:
+            return images
+        return torch.cat([images, images.mean(dim=1, keepdim=True)], dim=1)
+
+    def _local_choice(self, B: int, C: int, generator: torch.Generator) -> torch.Tensor:
+        channel = torch.randint(0, C, (B,), generator=generator)
+        use_mean = torch.rand(B, generator=generator) < self.local_mean_probability
+        return torch.where(use_mean, torch.full_like(channel, C), channel)
+
+    def _crop(self, sources: torch.Tensor, choice: torch.Tensor, scale: tuple[float, float], size: int,
+              generator: torch.Generator) -> torch.Tensor:
+        B, _, H, W = sources.shape
+        if self.mode == CHANNEL_AS_VIEW:
+            sources = sources[torch.arange(B), choice.to(sources.device)].unsqueeze(1)
+        sources = _antialias(sources, scale, size)
+        theta = _random_resized_crop_theta(B, scale, self.flip_probability, generator).to(sources.device)
+        grid = F.affine_grid(theta, [B, sources.shape[1], size, size], align_corners=False)
+        crops = F.grid_sample(sources, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return self._jitter(crops, generator)
+
+    def _jitter(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.intensity_jitter <= 0:
+            return crops
+        B, c = crops.shape[:2]
+        j = self.intensity_jitter
+        gain = 1 + (torch.rand(B, c, 1, 1, generator=generator) * 2 - 1) * j
+        shift = (torch.rand(B, c, 1, 1, generator=generator) * 2 - 1) * j
+        return crops * gain.to(crops.device) + shift.to(crops.device)
+
+
+def _antialias(sources: torch.Tensor, scale: tuple[float, float], size: int) -> torch.Tensor:
+    """Average-pool by the largest integer factor every crop of this scale range still allows.
+
+    Bilinear sampling of a 1080-pixel field into 224 pixels would alias; pooling first keeps each
+    output pixel an average of the input pixels it covers, and makes the sampling cheaper.
+    """
+    smallest_side = math.sqrt(scale[0] * 3 / 4) * min(sources.shape[-2:])
+    factor = int(smallest_side // size)
+    return F.avg_pool2d(sources, factor) if factor >= 2 else sources
+
+
+def _random_resized_crop_theta(B: int, scale: tuple[float, float], flip_probability: float,
+                               generator: torch.Generator) -> torch.Tensor:
+    """Affine maps from output to input coordinates ([-1, 1]): area in `scale`, aspect 3/4–4/3."""
+    area = scale[0] + torch.rand(B, generator=generator) * (scale[1] - scale[0])
+    log_ratio = math.log(3 / 4) + torch.rand(B, generator=generator) * (math.log(4 / 3) - math.log(3 / 4))
+    ratio = torch.exp(log_ratio)
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(B, generator=generator) < flip_probability, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def make_augmentation(cfg: dict) -> MultiCropAugmentation:
+    crops = cfg["crops"]
+    return MultiCropAugmentation(
+        global_crops_scale=crops["global_crops_scale"],
+        local_crops_scale=crops["local_crops_scale"],
+        local_crops_number=crops["local_crops_number"],
+        global_crops_size=crops["global_crops_size"],
+        local_crops_size=crops["local_crops_size"],
+        mode=cfg["train"]["multiview_mode"],
+        local_mean_probability=crops["local_mean_probability"],
+        flip_probability=crops["flip_probability"],
+        intensity_jitter=crops["intensity_jitter"],
+    )

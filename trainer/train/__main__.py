@@ -1,0 +1,3 @@
+from trainer.train.train import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""DINO self-supervised training on the prefetchd stream.
+
+    python -m trainer.train --config configs/dinov3_vits8_jump_s3_multiview.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m trainer.train --config ... train.dataset_path=JUMPLocal:root=DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer.config import load_config
+from trainer.data.augmentations import make_augmentation
+from trainer.data.source import make_source
+from trainer.data.to_device import images_to_device, normalize_per_channel
+from trainer.errors import TrainerError
+from trainer.models import in_chans_for
+from trainer.train.schedulers import apply_optim_scheduler, build_schedulers
+from trainer.train.ssl_meta_arch import SSLMetaArch
+from trainer.utils import distributed
+from trainer.utils.checkpoint import check_channels, find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.utils.metric_log import MetricLog
+from trainer.utils.param_groups import get_params_groups
+from trainer.utils.rng import get_rng_state, set_rng_state, step_generator
+from trainer.utils.wandb_run import make_wandb_run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dinov3_vits8_jump_s3_multiview.yaml"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("trainer.train", description="DINO training on prefetchd streams")
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--run-name", default=None, help="run name: logs and checkpoints in <output_dir>/<run>")
+    parser.add_argument("--resume", nargs="?", const="", default=None,
+                        help="resume a run: its name, directory or checkpoint file (default: the newest run)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
+    parser.add_argument("--wandb-project", default="prefetchd-dino")
+    parser.add_argument("opts", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def resolve_run(args, output_dir: Path) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume or None)."""
+    if args.resume is None:
+        name = args.run_name or datetime.now().strftime("ssl-%Y%m%d-%H%M%S")
+        return output_dir / name, None
+    target = Path(args.resume) if args.resume else _newest_run(output_dir)
+    if not target.exists() and (output_dir / args.resume).exists():
+        target = output_dir / args.resume
+    if not target.exists():
+        raise TrainerError(f"nothing to resume at {target}: give a run name, run directory or checkpoint")
+    checkpoint = find_checkpoint(target)
+    return checkpoint.parents[1], checkpoint
+
+
+def _newest_run(output_dir: Path) -> Path:
+    runs = sorted(output_dir.glob("*/ckpt/last_checkpoint"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise TrainerError(f"--resume: no run with a checkpoint under {output_dir}/")
+    return runs[-1].parents[1]
+
+
+def setup(args) -> tuple[dict, Path, dict | None]:
+    overrides = list(args.opts)
+    # The output directory is needed to find a resumed run, before that run's config is known.
+    output_dir = Path(load_config(args.config or DEFAULT_CONFIG, overrides, require=False)["train"]["output_dir"])
+    run_dir, checkpoint = distributed.broadcast_object(resolve_run(args, output_dir))
+    config_file = args.config or (run_dir / "config.yaml" if checkpoint else DEFAULT_CONFIG)
+    cfg = load_config(config_file, overrides)
+    state = None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        check_channels(state, cfg["train"]["channels"], "train.channels")
+        if state["world_size"] != distributed.get_world_size():
+            raise TrainerError(f"{checkpoint} was written by {state['world_size']} processes; resume with "
+                               f"the same --nproc-per-node (data order is sharded by world size)")
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = yaml.safe_load(yaml.safe_dump(cfg))
+        saved["train"]["stop_after_iters"] = None  # a stop point is per invocation, not part of the run
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return cfg, run_dir, state
+
+
+def build_optimizer(cfg: dict, model: SSLMetaArch) -> torch.optim.Optimizer:
+    optim = cfg["optim"]
+    return torch.optim.AdamW(get_params_groups(model.student), betas=(optim["adamw_beta1"], optim["adamw_beta2"]))
+
+
+def do_train(cfg: dict, run_dir: Path, state: dict | None, args) -> Path:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    torch.manual_seed(cfg["train"]["seed"])  # same initial weights on every rank
+    model = SSLMetaArch(cfg, device)
+    optimizer = build_optimizer(cfg, model)
+    iteration, position = 0, {"epoch": 0, "batch": 0}
+    if state is not None:
+        iteration, position = _restore(model, optimizer, state, rank)
+    model.wrap_distributed()
+    if cfg["train"]["compile"]:
+        model.compile()
+    model.train()
+    loop = TrainLoop(cfg, model, optimizer, device, run_dir, args)
+    return loop.run(iteration, position)
+
+
+def _restore(model: SSLMetaArch, optimizer, state: dict, rank: int) -> tuple[int, dict]:
+    model.student.load_state_dict(state["student"])
+    model.teacher.load_state_dict(state["teacher"])
+    model.dino_loss.load_state_dict(state["dino_loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][rank])
+    return state["iteration"], dict(state["data"])
+
+
+class TrainLoop:
+    def __init__(self, cfg, model: SSLMetaArch, optimizer, device, run_dir: Path, args):
+        self.cfg, self.model, self.optimizer, self.device, self.run_dir = cfg, model, optimizer, device, run_dir
+        self.train_cfg = cfg["train"]
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.schedulers = build_schedulers(cfg, self.world_size)
+        self.total_iters = cfg["optim"]["epochs"] * self.train_cfg["OFFICIAL_EPOCH_LENGTH"]
+        stop = self.train_cfg["stop_after_iters"]
+        self.stop_at = self.total_iters if stop is None else min(stop, self.total_iters)
+        self.augment = make_augmentation(cfg)
+        self.log = None
+        if distributed.is_main_process():
+            wandb_run = make_wandb_run(not args.no_wandb, args.wandb_project, run_dir.name, run_dir, cfg)
+            self.log = MetricLog(run_dir, self.total_iters, wandb_run)
+
+    def run(self, iteration: int, position: dict) -> Path:
+        source = make_source(self.cfg, self.rank, self.world_size)
+        try:
+            self._check_source(source)
+            iteration = self._loop(source, iteration, position)
+        finally:
+            source.close()
+            if self.log is not None:
+                self.log.close()
+                if self.log.wandb_run is not None:
+                    self.log.wandb_run.finish()
+        return self.run_dir
+
+    def _check_source(self, source) -> None:
+        if source.batches_per_epoch == 0:
+            raise TrainerError("the dataset yields no batch per rank: lower train.batch_size_per_gpu "
+                               "or set train.drop_last=false")
+
+    def _loop(self, source, iteration: int, position: dict) -> int:
+        epoch, start = position["epoch"], position["batch"]
+        while iteration < self.stop_at:
+            request = time.perf_counter()
+            for batch in source.epoch(epoch, start_batch=start):
+                waited = time.perf_counter() - request
+                next_position = _advance(epoch, batch.index, source.batches_per_epoch)
+                metrics = self._step(batch, iteration)
+                iteration += 1
+                self._after_step(source, iteration, next_position, batch, metrics, request, waited)
+                if iteration >= self.stop_at:
+                    return iteration
+                request = time.perf_counter()
+            epoch, start = epoch + 1, 0
+        return iteration
+
+    def _step(self, batch, iteration: int) -> dict:
+        self._check_channels(batch.images)
+        images = normalize_per_channel(images_to_device(batch.images, self.device))
+        generator = step_generator(self.train_cfg["seed"], self.rank, iteration)
+        crops = self.augment(images, generator)
+        del images
+        values = {name: s[iteration] for name, s in self.schedulers.items()}
+        apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.model.forward_backward(crops, values["teacher_temp"])
+        self._clip_and_freeze(values["last_layer_lr"])
+        self.optimizer.step()
+        self.model.update_teacher(values["momentum"])
+        if self.log is not None and _every(self.train_cfg["image_log_freq"], iteration):
+            self.log.log_images("crops", _preview(crops), iteration)
+        return {**values, **distributed.reduce_mean(losses)}
+
+    def _clip_and_freeze(self, last_layer_lr: float) -> None:
+        if self.cfg["optim"]["clip_grad"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.cfg["optim"]["clip_grad"])
+        if last_layer_lr == 0.0:
+            # A frozen last layer must not move at all, weight decay included: drop its gradient.
+            for p in self.model.student.head.last_layer.parameters():
+                p.grad = None
+
+    def _check_channels(self, images) -> None:
+        channels = self.train_cfg["channels"]
+        if images.shape[1] != len(channels):
+            raise TrainerError(f"the dataset gives {images.shape[1]} channels per field but train.channels "
+                               f"lists {len(channels)} ({', '.join(channels)})")
+
+    def _after_step(self, source, iteration, position, batch, metrics, request, waited) -> None:
+        step_s = time.perf_counter() - request
+        every = _every(self.train_cfg["log_freq"], iteration) or iteration == self.stop_at
+        if self.log is not None and every:
+            self.log.log(self._metrics(source, iteration, position, batch, metrics, step_s, waited))
+        if iteration % self.train_cfg["saveckp_freq"] == 0 or iteration == self.stop_at:
+            self._save(iteration, position)
+
+    def _metrics(self, source, iteration, position, batch, metrics, step_s, waited) -> dict:
+        samples = len(batch.ids) * self.world_size
+        out = {"iteration": iteration, "epoch": (iteration - 1) // self.train_cfg["OFFICIAL_EPOCH_LENGTH"],
+               "data_epoch": batch.epoch, "batch_index": batch.index, **metrics,
+               "samples_per_s": samples / step_s, "step_s": step_s, "data_wait_s": waited,
+               "data_wait_share": waited / step_s, "first_id": batch.ids[0]}
+        status = source.status() or {}
+        for key in ("hit_rate", "fetch_mb_per_s"):
+            if key in status:
+                out[f"daemon_{key}"] = status[key]
+        return out
+
+    def _save(self, iteration: int, position: dict) -> None:
+        rng = distributed.all_gather_object(get_rng_state())
+        if not distributed.is_main_process():
+            return
+        model = self.model
+        save_checkpoint(self.run_dir, {
+            "student": model.student.state_dict(), "teacher": model.teacher.state_dict(),
+            "dino_loss": model.dino_loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "iteration": iteration, "data": position, "rng": rng, "world_size": self.world_size,
+            "channels": list(self.train_cfg["channels"]), "in_chans": in_chans_for(self.cfg),
+            "config": self.cfg,
+        })
+
+
+def _advance(epoch: int, index: int, batches_per_epoch: int) -> dict:
+    """Data position after consuming batch `index` of `epoch`."""
+    if index + 1 >= batches_per_epoch:
+        return {"epoch": epoch + 1, "batch": 0}
+    return {"epoch": epoch, "batch": index + 1}
+
+
+def _every(freq: int, iteration: int) -> bool:
+    return freq > 0 and iteration % freq == 0
+
+
+def _preview(crops: dict, n_local: int = 4) -> list:
+    """First sample's views as [0, 1] images (channel mean when there are several channels)."""
+    B = crops["global_crops"].shape[0] // crops["n_global"]
+    views = [crops["global_crops"][i * B] for i in range(crops["n_global"])]
+    if crops["local_crops"] is not None:
+        views += [crops["local_crops"][i * B] for i in range(min(n_local, crops["n_local"]))]
+    out = []
+    for view in views:
+        img = view.float().mean(0)
+        img = (img - img.min()) / (img.max() - img.min() + 1e-6)
+        out.append(img.cpu().numpy())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_intermixed_args(argv)
+    try:
+        distributed.enable_distributed()
+        cfg, run_dir, state = setup(args)
+        do_train(cfg, run_dir, state, args)
+        if distributed.is_main_process():
+            print(f"log: {run_dir / 'logs' / 'log.txt'}\ncheckpoint: {find_checkpoint(run_dir)}")
+        return 0
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
