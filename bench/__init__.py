@@ -15,7 +15,8 @@ def cell_like_channel(size: int = 1080, seed: int = 0, peak: int = 7000) -> np.n
         plate = spec.plates[0] if hasattr(spec, "plates") else None
         if plate is not None:
             well = spec.wells[0] if getattr(spec, "wells", None) else "A01"
-            channel = spec.channels[0] if getattr(spec, "channels", None) else 5
+            chans = tuple(getattr(spec, "channels", ()) or (5,))
+            channel = 5 if 5 in chans else chans[0]          # DNA (Phenix ch5)
             img = synth.render_channel(spec, plate, well, 1, channel)
             if img.dtype == np.uint16 and img.shape == (size, size) and img.max() > 255:
                 return img

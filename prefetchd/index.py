@@ -11,7 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +48,8 @@ class Field:
 class Index:
     dataset: str                             # the dataset string it was built for
     channels: tuple[str, ...]
-    fields: list[Field]                      # sorted by id; position = field index used everywhere
+    fields: Sequence[Field]                  # sorted by id; position = field index used everywhere
+                                             # (a FieldTable when built here: Fields made on access)
     illum: dict[str, tuple[str | None, ...]] = field(default_factory=dict)  # per channel, in order
     incomplete: int = 0                      # fields missing a selected channel (skipped)
     unparsed: int = 0                        # keys that match no known layout
@@ -62,14 +65,89 @@ class Index:
 
     @property
     def plates(self) -> list[str]:
+        if isinstance(self.fields, FieldTable):
+            return self.fields.distinct("plate")
         return sorted({f.plate for f in self.fields})
 
     @property
     def batches(self) -> list[str]:
+        if isinstance(self.fields, FieldTable):
+            return self.fields.distinct("batch")
         return sorted({f.batch for f in self.fields})
+
+    @property
+    def ids(self) -> list[str]:
+        if isinstance(self.fields, FieldTable):
+            return self.fields.ids
+        return [f.id for f in self.fields]
 
 
 # ---- catalog → index -------------------------------------------------------------------------------
+
+class FieldTable(Sequence[Field]):
+    """`Index.fields`: the selected fields held as Arrow columns; a `Field` is made when one is accessed.
+
+    Building 375k `Field` objects (1.9M key strings) takes seconds; the daemon needs one at a time.
+    """
+
+    def __init__(self, table: pa.Table, channels: tuple[str, ...], illum: dict[str, Any]):
+        self._table = table.combine_chunks()
+        self._channels = channels
+        self.ids: list[str] = self._table["id"].to_pylist()
+        self._labels = {name: _dictionary(self._table[name]) for name in ("batch", "plate", "well", "dir",
+                                                                            "illum_plate")}
+        self._illum_values = [v if v in illum else None for v in self._labels["illum_plate"][0]]
+        self._sites = self._table["site"].to_numpy()
+        self._files = [self._table[f"file_{ch}"].chunk(0) if self._table.num_rows else None for ch in channels]
+        self._etags = [self._table[f"etag_{ch}"].chunk(0) if self._table.num_rows else None for ch in channels]
+        self._sizes = np.stack([self._table[f"size_{ch}"].to_numpy() for ch in channels], axis=1) \
+            if self._table.num_rows else np.zeros((0, len(channels)), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, position):  # type: ignore[override]
+        if isinstance(position, slice):
+            return [self._field(i) for i in range(*position.indices(len(self)))]
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"field position {position} out of range (0..{len(self) - 1})")
+        return self._field(position)
+
+    def _label(self, name: str, position: int) -> Any:
+        values, codes = self._labels[name]
+        return values[codes[position]]
+
+    def _field(self, i: int) -> Field:
+        directory = self._label("dir", i)
+        illum_values, illum_codes = self._illum_values, self._labels["illum_plate"][1]
+        return Field(
+            id=self.ids[i],
+            batch=self._label("batch", i),
+            plate=self._label("plate", i),
+            well=self._label("well", i),
+            site=int(self._sites[i]),
+            keys=tuple(directory + files[i].as_py() for files in self._files),
+            sizes=tuple(int(size) for size in self._sizes[i]),
+            illum_plate=illum_values[illum_codes[i]] if illum_codes[i] >= 0 else None,
+            etags=tuple(etags[i].as_py() for etags in self._etags),
+        )
+
+    def distinct(self, name: str) -> list[str]:
+        """Sorted distinct values of a label column present in the selection ("plate", "batch", …)."""
+        values, codes = self._labels[name]
+        return sorted({values[c] for c in np.unique(codes) if c >= 0})
+
+
+def _dictionary(column: pa.ChunkedArray) -> tuple[list, np.ndarray]:
+    """(distinct values, code per row; -1 for null) of a dictionary-encoded column."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not pa.types.is_dictionary(array.type):
+        array = array.dictionary_encode()
+    codes = array.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return array.dictionary.to_pylist(), codes
+
 
 def _complete_mask(table: pa.Table, channels: tuple[str, ...]) -> pa.ChunkedArray:
     masks = [pc.is_valid(table[f"file_{ch}"]) for ch in channels]
@@ -79,16 +157,9 @@ def _complete_mask(table: pa.Table, channels: tuple[str, ...]) -> pa.ChunkedArra
     return mask
 
 
-def _column(table: pa.Table, name: str) -> list:
-    column = table[name]
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(pa.string())
-    return column.to_pylist()
-
-
-def _key_columns(table: pa.Table, channels: tuple[str, ...]) -> list[list[str]]:
-    directory = table["dir"].cast(pa.string())
-    return [pc.binary_join_element_wise(directory, table[f"file_{ch}"], "").to_pylist() for ch in channels]
+def _selected_columns(table: pa.Table, channels: tuple[str, ...]) -> pa.Table:
+    names = ["id", "batch", "plate", "well", "site", "dir", "illum_plate"]
+    return table.select(names + [f"{kind}_{ch}" for ch in channels for kind in ("file", "size", "etag")])
 
 
 def _illum_for(catalog: Catalog, channels: tuple[str, ...]) -> dict[str, tuple[str | None, ...]]:
@@ -104,23 +175,19 @@ def _illum_for(catalog: Catalog, channels: tuple[str, ...]) -> dict[str, tuple[s
 def select_index(catalog: Catalog, spec: DatasetSpec) -> Index:
     """The Index of one dataset string: its channels (in order), complete fields only, max_samples spread."""
     channels = spec.channels
-    mask = _complete_mask(catalog.table, channels)
-    table = catalog.table.filter(mask)
+    table = _selected_columns(catalog.table, channels)
+    mask = _complete_mask(table, channels)
+    if not pc.all(mask).as_py():
+        table = table.filter(mask)
     incomplete = catalog.table.num_rows - table.num_rows
     total = table.num_rows
     positions = spread(total, spec.max_samples)
     if positions is not None:
         table = table.take(pa.array(positions, pa.int64()))
     illum = _illum_for(catalog, channels)
-    illum_plates = [p if p in illum else None for p in _column(table, "illum_plate")]
-    keys = zip(*_key_columns(table, channels))
-    sizes = zip(*(table[f"size_{ch}"].to_pylist() for ch in channels))
-    etags = zip(*(table[f"etag_{ch}"].to_pylist() for ch in channels))
-    rows = zip(_column(table, "id"), _column(table, "batch"), _column(table, "plate"), _column(table, "well"),
-               table["site"].to_pylist(), keys, sizes, illum_plates, etags)
-    fields = [Field(*row) for row in rows]
-    return Index(spec.text, channels, fields, illum=illum, incomplete=incomplete, unparsed=catalog.unparsed,
-                 unparsed_examples=list(catalog.unparsed_examples), total_fields=total)
+    return Index(spec.text, channels, FieldTable(table, channels, illum), illum=illum, incomplete=incomplete,
+                 unparsed=catalog.unparsed, unparsed_examples=list(catalog.unparsed_examples),
+                 total_fields=total)
 
 
 # ---- building --------------------------------------------------------------------------------------

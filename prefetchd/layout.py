@@ -63,12 +63,13 @@ def illum_plate_key(batch: str, barcode: str) -> str:
 
 def parse_image_key(key: str) -> ImageKey | None:
     """The field and channel a Phenix image key holds, or None when the key is not one."""
-    parts = key.rsplit("/", 5)
-    if len(parts) < 5:
-        return None
-    if len(parts) == 5:
+    parts = key.rsplit("/", 4)
+    if len(parts) == 4:
         parts = ["", *parts]
-    batch, images, plate, images_upper, filename = parts[-5:]
+    elif len(parts) != 5:
+        return None
+    head, images, plate, images_upper, filename = parts
+    batch = head.rsplit("/", 1)[-1]
     if images != "images" or images_upper != "Images" or not plate:
         return None
     match = _PHENIX_FILE.fullmatch(filename)
@@ -87,11 +88,12 @@ def parse_image_key(key: str) -> ImageKey | None:
 def parse_illum_key(key: str) -> IllumKey | None:
     """The plate and channel of an illumination function key, or None when the key is not one."""
     parts = key.rsplit("/", 3)
-    if len(parts) < 3:
-        return None
     if len(parts) == 3:
         parts = ["", *parts]
-    batch, illum, barcode, filename = parts[-4:]
+    elif len(parts) != 4:
+        return None
+    head, illum, barcode, filename = parts
+    batch = head.rsplit("/", 1)[-1]
     if illum != "illum" or not barcode:
         return None
     match = _ILLUM_FILE.fullmatch(filename)

@@ -92,9 +92,8 @@ def test_every_written_image_carries_its_own_signature(synthetic):
             image = tifffile.imread(synthetic.root / key)
             expected = (synth.plate_code(field.plate), row, col, field.site, channel)
             assert synth.decode_signature(image) == expected, key
-            np.testing.assert_array_equal(
-                image[0, :synth.SIGNATURE_LENGTH], synth.expected_signature(field.plate, field.well, field.site, channel)
-            )
+            signature = synth.expected_signature(field.plate, field.well, field.site, channel)
+            np.testing.assert_array_equal(image[0, :synth.SIGNATURE_LENGTH], signature)
 
 
 def test_an_8_bit_decode_breaks_the_signature(synthetic):

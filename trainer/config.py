@@ -77,6 +77,7 @@ def _check_type(path: str, value: Any, ref: Any) -> Any:
         if not isinstance(value, bool):
             raise TrainerError(f"{path} must be true or false, got {value!r}")
     elif isinstance(ref, (int, float)):
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TrainerError(f"{path} must be a number, got {value!r}")
         if isinstance(ref, int) and float(value) != int(value):
@@ -91,6 +92,16 @@ def _check_type(path: str, value: Any, ref: Any) -> Any:
     return value
 
 
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as text; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def get(cfg: dict, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
@@ -98,9 +109,15 @@ def get(cfg: dict, key: str) -> Any:
     return node
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), require: bool = True) -> dict:
-    """Defaults ← file ← overrides, validated; missing required keys are errors."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), require: bool = True,
+                base: dict | None = None) -> dict:
+    """Defaults ← `base` (e.g. a checkpoint's config) ← file ← overrides, validated.
+
+    Missing required keys are errors when `require`.
+    """
     cfg = load_defaults()
+    if base is not None:
+        cfg = merge(cfg, base)
     if path is not None:
         cfg = merge(cfg, _read_yaml(Path(path)))
     for item in overrides:
@@ -125,3 +142,34 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise TrainerError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.config [--config FILE] [--get KEY ...] [key=value ...]`: validate, print values.
+
+    Used by the launcher to fail on a bad config before it starts a daemon.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser("trainer.config")
+    parser.add_argument("--config")
+    parser.add_argument("--get", action="append", default=[], metavar="KEY")
+    parser.add_argument("--no-require", action="store_true", help="do not require train.dataset_path")
+    parser.add_argument("opts", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.opts, require=not args.no_require)
+        for key in args.get:
+            try:
+                print(get(cfg, key))
+            except (KeyError, TypeError):
+                raise TrainerError(f"unknown config key {key!r}") from None
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,7 +54,7 @@ static void nearest_pass(const uint16_t *restrict s, int n, uint32_t bm1, uint32
 /*
  * Tables for tiles t0 <= t < t1 (row-major over the tile grid).
  * src: the (padded) image, `stride` elements per row; tiles are th x tw.
- * hist: scratch of `bins` int32. lut16: [tiles][bins] uint16. lutf (may be NULL): [tiles][bins][2] float
+ * hist: scratch of 4 * `bins` int32. lut16: [tiles][bins] uint16. lutf (may be NULL): [tiles][bins][2] float
  * (value, next value - value) for the interpolating kernel.
  */
 EXPORT NOCONTRACT void prefetchd_clahe_luts(const uint16_t *src, ptrdiff_t stride, int th, int tw, int tiles_x,
@@ -63,7 +63,7 @@ EXPORT NOCONTRACT void prefetchd_clahe_luts(const uint16_t *src, ptrdiff_t strid
     const uint32_t bm1 = (uint32_t)(bins - 1);
     for (int t = t0; t < t1; ++t) {
         const int ty = t / tiles_x, tx = t % tiles_x;
-        memset(hist, 0, sizeof(int32_t) * (size_t)bins);
+        memset(hist, 0, sizeof(int32_t) * (size_t)bins * 4);
         for (int y = 0; y < th; ++y) {
             const uint16_t *row = src + (ptrdiff_t)(ty * th + y) * stride + (ptrdiff_t)tx * tw;
             if (bins == 65536) {
@@ -73,10 +73,18 @@ EXPORT NOCONTRACT void prefetchd_clahe_luts(const uint16_t *src, ptrdiff_t strid
                     const int n = tw - x0 < CHUNK ? tw - x0 : CHUNK;
                     uint32_t nb[CHUNK];
                     nearest_pass(row + x0, n, bm1, nb);
-                    for (int i = 0; i < n; ++i) hist[nb[i]]++;
+                    int i = 0;
+                    for (; i + 4 <= n; i += 4) {   /* four sub-histograms: flat regions do not serialise */
+                        hist[nb[i]]++;
+                        hist[bins + nb[i + 1]]++;
+                        hist[2 * bins + nb[i + 2]]++;
+                        hist[3 * bins + nb[i + 3]]++;
+                    }
+                    for (; i < n; ++i) hist[nb[i]]++;
                 }
             }
         }
+        for (int i = 0; i < bins; ++i) hist[i] += hist[bins + i] + hist[2 * bins + i] + hist[3 * bins + i];
         if (clip > 0) {
             int64_t clipped = 0;
             for (int i = 0; i < bins; ++i) {

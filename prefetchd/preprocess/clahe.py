@@ -269,7 +269,7 @@ def clahe(image: np.ndarray, clip_limit: float = 3.0, tile_grid=8, bins: int = 2
     threads = max(1, int(threads))
 
     def luts(t0, t1):
-        hist = np.empty(bins, np.int32)
+        hist = np.empty(4 * bins, np.int32)
         lib.prefetchd_clahe_luts(padded.ctypes.data, padded.strides[0] // 2, g.tile_h, g.tile_w, g.tiles_x,
                                  t0, t1, bins, g.clip, g.lut_scale, hist.ctypes.data, lut16.ctypes.data, lutf_ptr)
 

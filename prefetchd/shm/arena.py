@@ -181,7 +181,10 @@ class Arena:
     def close(self) -> None:
         self.header = self.table = self._data = None  # views must go before the mmap closes
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a slot view is still alive somewhere; the mapping goes when it does
             self._mm = None
         if self._fd is not None:
             os.close(self._fd)
@@ -191,8 +194,8 @@ class Arena:
         (SHM_DIR / self.layout.name).unlink(missing_ok=True)
 
     def destroy(self) -> None:
+        self.unlink()  # first: whatever happens next, the name must not outlive the job
         self.close()
-        self.unlink()
 
 
 def check_fits(total_bytes: int, budget_bytes: int = 0) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from prefetchd.errors import PrefetchdError
 from trainer.config import load_config
 from trainer.data.augmentations import make_augmentation
 from trainer.data.source import make_source
@@ -71,21 +72,30 @@ def setup(args) -> tuple[dict, Path, dict | None]:
     # The output directory is needed to find a resumed run, before that run's config is known.
     output_dir = Path(load_config(args.config or DEFAULT_CONFIG, overrides, require=False)["train"]["output_dir"])
     run_dir, checkpoint = distributed.broadcast_object(resolve_run(args, output_dir))
-    config_file = args.config or (run_dir / "config.yaml" if checkpoint else DEFAULT_CONFIG)
-    cfg = load_config(config_file, overrides)
-    state = None
-    if checkpoint is not None:
+    if checkpoint is None:
+        cfg, state = load_config(args.config or DEFAULT_CONFIG, overrides), None
+    else:
         state = load_checkpoint(checkpoint)
-        check_channels(state, cfg["train"]["channels"], "train.channels")
-        if state["world_size"] != distributed.get_world_size():
-            raise TrainerError(f"{checkpoint} was written by {state['world_size']} processes; resume with "
-                               f"the same --nproc-per-node (data order is sharded by world size)")
+        cfg = load_config(args.config, overrides, base=_resumable(state["config"]))
+        _check_resumable(state, cfg, checkpoint)
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = yaml.safe_load(yaml.safe_dump(cfg))
-        saved["train"]["stop_after_iters"] = None  # a stop point is per invocation, not part of the run
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(_resumable(cfg), sort_keys=False))
     return cfg, run_dir, state
+
+
+def _resumable(cfg: dict) -> dict:
+    """The config to continue from: a stop point belongs to one invocation, not to the run."""
+    out = yaml.safe_load(yaml.safe_dump(cfg))
+    out["train"]["stop_after_iters"] = None
+    return out
+
+
+def _check_resumable(state: dict, cfg: dict, checkpoint: Path) -> None:
+    check_channels(state, cfg["train"]["channels"], "train.channels")
+    if state["world_size"] != distributed.get_world_size():
+        raise TrainerError(f"{checkpoint} was written by {state['world_size']} processes; resume with "
+                           f"the same --nproc-per-node (data order is sharded by world size)")
 
 
 def build_optimizer(cfg: dict, model: SSLMetaArch) -> torch.optim.Optimizer:
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PrefetchdError as exc:
+        print(f"error: prefetchd: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

@@ -50,9 +50,11 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TrainerError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise TrainerError(f"checkpoint {path} is a directory without ckpt/last_checkpoint") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainerError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        raise TrainerError(f"cannot read checkpoint {path}: not a trainer checkpoint, or truncated "
+                           f"({type(exc).__name__})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
         raise TrainerError(f"{path} is not a trainer checkpoint (missing model/optimizer/data state)")
     if state["format"] != FORMAT:
