@@ -100,7 +100,6 @@ start_daemon() {
   DAEMON_PID=$!
   trap stop_daemon EXIT
   trap 'exit 130' INT TERM
-  echo "prefetchd: no daemon answered; started one for this run (pid $DAEMON_PID, log $DAEMON_LOG)" >&2
   # Readiness is the socket answering; the loop ends early if the daemon exits.
   local deadline=$((SECONDS + 120))
   until "$PYTHON" -m prefetchd status >/dev/null 2>&1; do
@@ -112,6 +111,7 @@ start_daemon() {
     (( SECONDS < deadline )) || die "prefetchd did not start within 120 s (log: $DAEMON_LOG)"
     sleep 0.2
   done
+  echo "prefetchd: no daemon was running; started one for this run (pid $DAEMON_PID, log $DAEMON_LOG)" >&2
 }
 
 if "$PYTHON" -m prefetchd status >/dev/null 2>&1; then

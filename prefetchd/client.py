@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from prefetchd.control import ControlConnection
+from prefetchd.errors import DaemonNotRunning
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
+
+
+log = logging.getLogger(__name__)
+
+RECONNECT_TIMEOUT_S = float(os.environ.get("PREFETCHD_RECONNECT_TIMEOUT_S", "300"))
 
 
 @dataclass
@@ -37,8 +45,12 @@ class Batch:
 class Stream:
     """One rank's connection to one job. Iterate `epoch(e)`; `close()` when done."""
 
-    def __init__(self, conn: ControlConnection, reply: dict[str, Any], batch_size: int, rank: int, world_size: int):
+    def __init__(self, conn: ControlConnection, reply: dict[str, Any], batch_size: int, rank: int, world_size: int,
+                 attach_request: dict[str, Any] | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S):
         self._conn = conn
+        self._attach_request = attach_request
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.reconnects = 0
         self.job: str = reply["job"]
         self.layout = ArenaLayout.from_dict(reply["layout"])
         self.fields: int = reply["fields"]
@@ -60,11 +72,47 @@ class Stream:
             yield self.next(epoch, index)
 
     def next(self, epoch: int, index: int) -> Batch:
-        reply = self._conn.request("next", epoch=epoch, batch=index)
+        try:
+            reply = self._conn.request("next", epoch=epoch, batch=index)
+        except DaemonNotRunning:
+            if self._attach_request is None or self.reconnect_timeout_s <= 0:
+                raise
+            self._reattach()
+            reply = self._conn.request("next", epoch=epoch, batch=index)
         if reply.get("end"):
             raise IndexError(f"epoch {epoch} has {reply['batches']} batches for this rank; asked for {index}")
         images = self._view.images(reply["slots"])
         return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0))
+
+    def _reattach(self) -> None:
+        """The daemon went away (restart, crash): wait for it, attach again, keep our place.
+
+        Batches are requested by (epoch, index), so the retried request returns exactly the batch that was
+        interrupted: nothing is lost or duplicated.
+        """
+        socket_path = self._conn.path
+        self._conn.close()
+        self._view.close()
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        log.warning("prefetchd daemon at %s went away; waiting up to %.0f s for it to come back",
+                    socket_path, self.reconnect_timeout_s)
+        while True:
+            try:
+                conn = ControlConnection(socket_path)
+                reply = conn.request("attach", **self._attach_request)
+                break
+            except DaemonNotRunning:
+                if time.monotonic() > deadline:
+                    raise DaemonNotRunning(
+                        f"the prefetchd daemon at {socket_path} did not come back within "
+                        f"{self.reconnect_timeout_s:.0f} s; restart it (systemctl restart prefetchd) and resume "
+                        "from the last checkpoint") from None
+                time.sleep(0.2)  # polling for the socket to reappear, bounded by the deadline
+        self._conn = conn
+        self.layout = ArenaLayout.from_dict(reply["layout"])
+        self._view = BatchView(self.layout, self.batch_size)
+        self.reconnects += 1
+        log.warning("reattached to prefetchd job %s", self.job)
 
     def status(self) -> dict[str, Any]:
         return self._conn.request("status")
@@ -105,6 +153,7 @@ def attach(
     job: str | None = None,
     local_world_size: int | None = None,
     timeout: float | None = None,
+    reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
     **options: Any,
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
@@ -114,14 +163,15 @@ def attach(
         job = default_job_id(dataset, batch_size, seed, world_size, options)
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                   local_world_size=local_world_size, job=job, options=options)
     conn = ControlConnection(socket, timeout=timeout)
     try:
-        reply = conn.request("attach", dataset=dataset, batch_size=batch_size, seed=seed, rank=rank,
-                             world_size=world_size, local_world_size=local_world_size, job=job, options=options)
+        reply = conn.request("attach", **request)
     except BaseException:
         conn.close()
         raise
-    return Stream(conn, reply, batch_size, rank, world_size)
+    return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s)
 
 
 def default_job_id(dataset: str, batch_size: int, seed: int, world_size: int, options: dict) -> str:

@@ -55,7 +55,9 @@ def parse_dataset(text: str) -> DatasetSpec:
     """Parse and validate a dataset string; every mistake names what to change."""
     if not isinstance(text, str) or not text.strip():
         raise DatasetError(f"empty dataset string; expected for example {DEFAULT_DATASET!r}")
-    name, *pairs = text.strip().split(":")
+    # `index=s3://bucket/key` is the one place a value may hold "://"; protect it from the ':' split.
+    name, *pairs = text.strip().replace("://", "\0//").split(":")
+    pairs = [pair.replace("\0//", "://") for pair in pairs]
     if name not in _KEYS:
         raise DatasetError(
             f"unknown dataset name {name!r}; accepted names: {', '.join(_KEYS)} "
@@ -95,6 +97,11 @@ def parse_dataset(text: str) -> DatasetSpec:
         return DatasetSpec(name, root=root, max_samples=max_samples, channels=channels,
                            index=values.get("index"), text=text)
     bucket = values["bucket"]
+    if "://" in bucket:
+        raise DatasetError(
+            f"dataset strings take a bare bucket name and a prefix, not a URL: write "
+            f"'JUMPS3MultiView:bucket=<bucket>:prefix=<path>' instead of {text!r}"
+        )
     if not bucket or "/" in bucket:
         raise DatasetError(f"bucket must be a bare bucket name like 'cellpainting-gallery', got {bucket!r}")
     prefix = values.get("prefix", "").strip("/")

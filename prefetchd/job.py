@@ -319,7 +319,7 @@ class Job:
             "epoch": epoch,
             "batch": batch,
             "slots": slots,
-            "ids": [self.index.fields[f].id for f in mapped],
+            "ids": [self.index.ids[f] for f in mapped],
             "generations": [int(self.arena.table["generation"][s]) for s in slots],
             "waited_s": waited,
         }

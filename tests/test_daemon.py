@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import signal
 import subprocess
 import sys
@@ -205,13 +207,13 @@ def test_a_client_exiting_never_unlinks_the_arena_and_stop_removes_it(daemon, sy
 
 def test_sigterm_while_a_client_waits_drains_and_exits_zero(daemon, synthetic):
     d = daemon()
-    stream = attach(synthetic.dataset, batch_size=2, socket=d.socket, cache_size=24, **RAW)
+    stream = attach(synthetic.dataset, batch_size=2, socket=d.socket, cache_size=24, reconnect_timeout_s=0.5, **RAW)
     try:
         next(iter(stream.epoch(0)))
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(timeout=30) == 0
         d.stopped = True
-        with pytest.raises(PrefetchdError):
+        with pytest.raises(DaemonNotRunning, match="did not come back within 0 s|closed the connection|no prefetchd"):
             for _ in stream.epoch(0):
                 pass
     finally:
@@ -273,3 +275,34 @@ def test_endpoint_unreachable_is_reported_on_attach(daemon, synthetic):
 def test_client_raises_daemon_not_running(tmp_path):
     with pytest.raises(DaemonNotRunning, match="prefetchd serve"):
         attach("JUMPLocal:root=/x", batch_size=1, socket=tmp_path / "none.sock")
+
+
+def test_daemon_killed_mid_epoch_and_restarted_loses_and_duplicates_nothing(synthetic, tmp_path_factory):
+    from prefetchd.daemon_process import DaemonProcess
+
+    workdir = Path(tempfile.mkdtemp(prefix="pfd-", dir="/tmp"))
+    overrides = [f"s3.endpoint_url={synthetic.endpoint_url}", f"cache_dir={workdir / 'cache'}"]
+    first = DaemonProcess(workdir / "p.sock", overrides, log_path=workdir / "log").start()
+    second = None
+    stream = attach(synthetic.dataset, batch_size=3, socket=first.socket, job="crash", cache_size=24,
+                    reconnect_timeout_s=60, **RAW)
+    try:
+        ids = []
+        batches = stream.epoch(0)
+        for _ in range(3):
+            ids += next(batches).ids
+        first.proc.kill()  # SIGKILL: no drain, the arena is left behind
+        first.proc.wait()
+        assert "prefetchd-crash" in shm_segments()
+        second = DaemonProcess(workdir / "p.sock", overrides, log_path=workdir / "log").start()
+        ids += [i for b in batches for i in b.ids]
+        assert stream.reconnects == 1
+        assert sorted(ids) == sorted(f.id for f in synthetic.manifest.fields)  # none lost, none twice
+        assert "removed 1 shared-memory segment" in (workdir / "log").read_text()
+    finally:
+        stream.close()
+        if second is not None:
+            assert second.stop() == 0
+        first.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert "prefetchd-crash" not in shm_segments()

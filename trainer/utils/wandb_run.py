@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def make_wandb_run(enabled: bool, project: str, name: str, run_dir: Path, config
             print(f"wandb: not logged in, logging offline to {run_dir / 'wandb'} "
                   "(`wandb login` then `wandb sync` to upload)", file=sys.stderr)
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
                       config=config, mode=mode, settings=wandb.Settings(console="off", silent=True))

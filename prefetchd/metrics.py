@@ -1,0 +1,92 @@
+"""Prometheus metrics: the status counters on an optional HTTP port (`metrics.port`, 0 = off).
+
+Served from the daemon's own event loop (a tiny asyncio HTTP/1.0 responder), so a scrape reads the
+counters on the loop thread and never races the code that updates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+# status key -> (metric name, help, counter?)
+COUNTERS = {
+    "fields_served": ("prefetchd_fields_served", "Fields handed to trainers", True),
+    "cache_hits": ("prefetchd_cache_hits", "Fields served from a READY slot", True),
+    "cache_misses": ("prefetchd_cache_misses", "Fields that had to be fetched when asked for", True),
+    "bytes_fetched": ("prefetchd_fetched_bytes", "Bytes read from the object store", True),
+    "gets": ("prefetchd_gets", "GET requests issued", True),
+    "retries": ("prefetchd_retries", "GET attempts retried", True),
+    "fetch_errors": ("prefetchd_fetch_errors", "GETs that failed after all retries", True),
+    "stall_s": ("prefetchd_stall_seconds", "Seconds trainers waited in next()", True),
+}
+GAUGES = {
+    "uptime_s": ("prefetchd_uptime_seconds", "Seconds since the daemon started"),
+    "hit_rate": ("prefetchd_hit_rate", "Cache hits / fields served"),
+    "fetch_mb_per_s": ("prefetchd_fetch_mb_per_second", "Fetch throughput over the last 10 s"),
+    "inflight_requests": ("prefetchd_inflight_requests", "GETs in flight"),
+    "quarantined": ("prefetchd_quarantined_fields", "Fields quarantined (stayed bad after retries)"),
+    "shm_bytes": ("prefetchd_shm_bytes", "Shared memory held by arenas"),
+}
+
+
+class StatusCollector:
+    def __init__(self, status: Callable[[], dict[str, Any]]):
+        self._status = status
+
+    def collect(self):
+        s = self._status()
+        for key, (name, doc, _) in COUNTERS.items():
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(s.get(key, 0)))
+            yield c
+        for key, (name, doc) in GAUGES.items():
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(s.get(key, 0)))
+            yield g
+        jobs = GaugeMetricFamily("prefetchd_jobs", "Attached jobs")
+        jobs.add_metric([], float(len(s.get("jobs", []))))
+        yield jobs
+        slots = GaugeMetricFamily("prefetchd_slots", "Arena slots per state, all jobs", labels=["state"])
+        counts = {k.lower(): v for k, v in (s.get("slots") or {}).items()}
+        for state in sorted({"free", "filling", "ready", "leased"} | set(counts)):
+            slots.add_metric([state], float(counts.get(state, 0)))
+        yield slots
+
+
+def make_registry(status: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    return registry
+
+
+async def start_metrics_server(status: Callable[[], dict[str, Any]], host: str, port: int) -> asyncio.AbstractServer:
+    registry = make_registry(status)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
+            if path.split(b"?")[0] in (b"/metrics", b"/"):
+                body, status_line, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status_line, ctype = b"see /metrics\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.0 " + status_line + b"\r\nContent-Type: " + ctype +
+                         b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host=host, port=port, limit=16 * 1024)
+    return server
