@@ -12,6 +12,7 @@ from typing import Any
 from prefetchd.errors import ProtocolError
 
 MAX_LINE = 64 * 1024  # bytes per request or reply line
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # every integer field must fit in int64
 
 # op -> {field: (types, required)}
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -49,6 +50,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
         request = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"request is not valid JSON ({exc.__class__.__name__}); send one JSON object per line") from None
+    except RecursionError:
+        raise ProtocolError("request nests too deeply; send a flat JSON object per line") from None
     if not isinstance(request, dict):
         raise ProtocolError("request must be a JSON object with an 'op' field")
     op = request.get("op")
@@ -63,6 +66,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
         types, _ = fields[name]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise ProtocolError(f"field {name!r} of op {op!r} must be {' or '.join(t.__name__ for t in types)}")
+        if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError(f"field {name!r} of op {op!r} is out of range: integers must fit in 64 bits")
     missing = [name for name, (_, required) in fields.items() if required and name not in request]
     if missing:
         raise ProtocolError(f"op {op!r} needs field(s): {', '.join(missing)}")

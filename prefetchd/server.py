@@ -15,10 +15,11 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefetchd import __version__
 from prefetchd.config import Config
@@ -29,6 +30,7 @@ from prefetchd.fetch import LocalStore, ObjectStore, S3Store
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job, JobSpec
 from prefetchd.notify import sd_notify, watchdog_interval_s
+from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.options import resolve_options
 from prefetchd.protocol import MAX_LINE, decode_request, encode
 from prefetchd.s3 import make_s3_client, resolve_endpoint
@@ -46,9 +48,17 @@ class Connection:
         self.rank: int | None = None
 
 
+# Config keys a SIGHUP may change live; everything else needs a restart (the old value is kept).
+RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.retries", "security")
+
+
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None):
         self.config = config
+        self._reload = reload or _reload_from_argv
+        self.peers = PeerPolicy.from_config(config)
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self.metrics_port: int | None = None
         self.socket_path = config.socket_path
         self.started = time.monotonic()
         self.should_exit = asyncio.Event()
@@ -82,6 +92,7 @@ class Server:
         s3 = self.config.tree["s3"]
         self.s3client = await self._stack.enter_async_context(make_s3_client(s3))
         await self._bind()
+        await self._start_metrics()
         endpoint = resolve_endpoint(s3.get("endpoint_url")) or "AWS S3"
         log.info("prefetchd %s listening on %s (S3 endpoint: %s, decode workers: %d)",
                  __version__, self.socket_path, endpoint, self.config.decode_workers)
@@ -99,7 +110,24 @@ class Server:
         self._server = await asyncio.start_unix_server(self._handle, path=str(path), limit=MAX_LINE)
         os.chmod(path, 0o660 if group else 0o600)
         if group:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            gid = grp.getgrnam(group).gr_gid
+            if os.stat(path).st_gid != gid:  # skip the syscall when it is a no-op (SystemCallFilter=~@privileged)
+                os.chown(path, -1, gid)
+
+    async def _start_metrics(self) -> None:
+        port = int(self.config.get("metrics.port"))
+        if not port:
+            return
+        from prefetchd.metrics import start_metrics_server
+
+        host = self.config.get("metrics.address") or "127.0.0.1"
+        try:
+            self._metrics_server = await start_metrics_server(self.status, host, port)
+        except OSError as exc:
+            raise PrefetchdError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; "
+                                 "pick another metrics.port or 0 to turn metrics off", code="bad_config") from None
+        self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, self.metrics_port)
 
     async def main_loop(self) -> None:
         watchdog = watchdog_interval_s()
@@ -116,6 +144,8 @@ class Server:
         log.info("shutting down: %d job(s), %d connection(s)", len(self.jobs), len(self._connections))
         if self._server is not None:
             self._server.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for job in list(self.jobs.values()):
             await self._close_job(job)
         for task in list(self._connections):
@@ -137,10 +167,43 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_config)
 
     def _on_signal(self, sig: int) -> None:
         log.info("received %s, draining", signal.Signals(sig).name)
         self.should_exit.set()
+
+    def reload_config(self) -> None:
+        """SIGHUP: re-read the config; apply what is safe live, keep (and name) what needs a restart."""
+        sd_notify("RELOADING=1")
+        try:
+            fresh = self._reload()
+        except Exception as exc:  # a broken file must not take the daemon down: keep running as is
+            log.error("reload failed, keeping the current config: %s", getattr(exc, "message", exc))
+            sd_notify("READY=1")
+            return
+        old, new = self.config.tree, fresh.tree
+        tree = dict(old)
+        changed, ignored = [], []
+        for key in sorted(set(old) | set(new)):
+            for path, a, b in _diff(key, old.get(key), new.get(key)):
+                if path.startswith(RELOADABLE):
+                    changed.append(path)
+                else:
+                    ignored.append(path)
+        for key in RELOADABLE:
+            _set_path(tree, key, _get_path(new, key))
+        self.config = Config(tree)
+        logging.getLogger().setLevel(str(self.config.get("log_level")).upper())
+        self.indexes.wait_s = float(self.config.get("index.wait_s"))
+        if int(self.config.get("s3.max_concurrency")) != int(old["s3"]["max_concurrency"]):
+            self.semaphore = asyncio.Semaphore(int(self.config.get("s3.max_concurrency")))  # new jobs
+        self.peers = PeerPolicy.from_config(self.config)
+        log.info("reloaded config: changed %s", ", ".join(changed) or "nothing")
+        if ignored:
+            log.warning("reload: %s changed but need a restart (`systemctl restart prefetchd`); kept the running values",
+                        ", ".join(ignored))
+        sd_notify("READY=1")
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -148,6 +211,12 @@ class Server:
         task = asyncio.current_task()
         self._connections.add(task)
         conn = Connection(peer=str(writer.get_extra_info("peername") or "local"))
+        cred = peer_credentials(writer.get_extra_info("socket"))
+        refusal = self.peers.check(cred)
+        if refusal is not None:
+            await self._refuse(reader, writer, cred, refusal)
+            self._connections.discard(task)
+            return
         try:
             while not self.should_exit.is_set():
                 try:
@@ -165,6 +234,18 @@ class Server:
             self._connections.discard(task)
             if conn.job is not None and conn.rank is not None:
                 conn.job.disconnect_rank(conn.rank)
+            writer.close()
+
+    async def _refuse(self, reader, writer, cred, reason: str) -> None:
+        log.warning("refused control connection from %s: %s", cred or "unknown peer", reason)
+        try:
+            await _reply(writer, PrefetchdError(reason, code="forbidden").to_reply())
+            # Consume the peer's first request (bounded) so closing does not reset the reply away.
+            with contextlib.suppress(asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+                await asyncio.wait_for(reader.readline(), 2.0)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
             writer.close()
 
     async def _dispatch(self, line: bytes, conn: Connection) -> dict:
@@ -259,6 +340,8 @@ class Server:
     def _shm_settings(self) -> dict:
         group = self.config.get("shm.group")
         gid = grp.getgrnam(group).gr_gid if group else None
+        if gid == os.getegid():
+            gid = None  # new files already get this group; skip the fchown (SystemCallFilter=~@privileged)
         return {"shm_mode": 0o640 if group else 0o600, "shm_gid": gid,
                 "shm_budget": int(self.config.get("shm.budget_bytes"))}
 
@@ -324,6 +407,7 @@ class Server:
                 slots[state] = slots.get(state, 0) + count
         c = self.counters
         return {
+            "metrics_port": self.metrics_port,
             "version": __version__,
             "pid": os.getpid(),
             "socket": str(self.socket_path),
@@ -345,6 +429,40 @@ class Server:
             "stall_s": totals["stall_s"],
             "indexing": self.indexes.status(),
         }
+
+
+def _reload_from_argv() -> Config:
+    """The config as `prefetchd serve` loaded it at startup: the same --config file and --set overrides."""
+    from prefetchd.cli import build_parser, load_config
+
+    argv = sys.argv[1:]
+    if "serve" in argv:
+        argv = argv[argv.index("serve"):]
+    return load_config(build_parser().parse_args(argv))
+
+
+def _diff(path: str, a: Any, b: Any):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _diff(f"{path}.{key}", a.get(key), b.get(key))
+    elif a != b:
+        yield path, a, b
+
+
+def _get_path(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node[part] = dict(node[part])  # copy on write: the old Config keeps its own tree
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def _default_job_id(spec: DatasetSpec, seed: int, world_size: int, batch_size: int, opts) -> str:

@@ -43,7 +43,7 @@ def _data_args(synthetic, daemon_handle, tmp_path: Path) -> list[str]:
             f"train.output_dir={tmp_path / 'checkpoints'}"]
 
 
-def test_training_logs_checkpoints_and_resumes_exactly(synthetic, daemon, tmp_path):
+def test_training_logs_checkpoints_and_resumes_exactly(synthetic, daemon, tmp_path, capsys):
     d = daemon()
     # 24 fields, 8 per batch: 3 batches per data epoch; 6 iterations cross a data epoch boundary.
     common = [*_data_args(synthetic, d, tmp_path), "--no-wandb", "train.batch_size_per_gpu=8",
@@ -83,39 +83,27 @@ def test_training_logs_checkpoints_and_resumes_exactly(synthetic, daemon, tmp_pa
     assert ids == {f.id for f in synthetic.manifest.fields}
     assert {len(v) for v in table["vector"]} == {5 * 64}  # channel_as_view: one vit_pico vector per channel
 
-    _assert_one_line(embed_main(["--checkpoint", str(run), "train.channels=DNA,ER"]), "checkpoint was trained on 5")
-    _assert_one_line(train_main(["--resume", str(run), "--no-wandb", "train.channels=[DNA, ER]"]),
+    _assert_one_line(capsys, embed_main(["--checkpoint", str(run), "train.channels=DNA,ER"]), "checkpoint was trained on 5")
+    _assert_one_line(capsys, train_main(["--resume", str(run), "--no-wandb", "train.channels=[DNA, ER]"]),
                      "but the checkpoint was trained on 5")
 
 
-@pytest.fixture
-def capture(capsys):
-    global _capsys
-    _capsys = capsys
-    yield capsys
-
-
-def _assert_one_line(code: int, message: str) -> None:
-    err = _capsys.readouterr().err
+def _assert_one_line(capsys, code: int, message: str) -> None:
+    err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
-@pytest.fixture(autouse=True)
-def _use_capture(capture):
-    yield
-
-
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, capsys):
     garbage = tmp_path / "model.pth"
     garbage.write_bytes(b"not a checkpoint")
-    _assert_one_line(train_main(["--resume", str(garbage), "--no-wandb"]), "cannot read checkpoint")
-    _assert_one_line(embed_main(["--checkpoint", str(garbage)]), "cannot read checkpoint")
-    _assert_one_line(train_main(["--config", str(TINY), "optim.lrr=1"]), "accepted keys here: optim.epochs")
+    _assert_one_line(capsys, train_main(["--resume", str(garbage), "--no-wandb"]), "cannot read checkpoint")
+    _assert_one_line(capsys, embed_main(["--checkpoint", str(garbage)]), "cannot read checkpoint")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), "optim.lrr=1"]), "accepted keys here: optim.epochs")
     missing = tmp_path / "c.yaml"
     missing.write_text("optim:\n  epochs: 1\n")
-    _assert_one_line(train_main(["--config", str(missing)]), "missing config key train.dataset_path")
-    _assert_one_line(train_main(["--config", str(TINY), "--no-wandb", f"train.output_dir={tmp_path}",
+    _assert_one_line(capsys, train_main(["--config", str(missing)]), "missing config key train.dataset_path")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), "--no-wandb", f"train.output_dir={tmp_path}",
                                  "train.dataset_path=JUMPLocal:root=/nonexistent",
                                  f"s3.socket={tmp_path / 'none.sock'}"]), "no prefetchd daemon is listening")
 
