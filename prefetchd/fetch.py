@@ -21,6 +21,7 @@ from botocore.exceptions import (
 
 from prefetchd.counters import FetchCounters
 from prefetchd.errors import CorruptObjectError, StorageError
+from prefetchd.storage_errors import classify_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class S3Store:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
-                    raise CorruptObjectError(f"s3://{self.bucket}/{key}: {code or exc}") from exc
+                    raise self._object_error(key, exc) from exc
             except (*_TRANSIENT, TruncatedBody, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
@@ -87,6 +88,11 @@ class S3Store:
             self.counters.retries += 1
             await asyncio.sleep(backoff_s(attempt))
         raise AssertionError("unreachable")
+
+    def _object_error(self, key: str, exc: ClientError) -> CorruptObjectError:
+        endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
+        reason = classify_storage_error(exc, endpoint, self.bucket)
+        return CorruptObjectError(f"s3://{self.bucket}/{key}: {reason.message}", code=reason.code)
 
     async def _get_once(self, key: str, expected_size: int) -> bytes:
         async with self.semaphore:

@@ -133,14 +133,19 @@ class Job:
         self._prefetcher = asyncio.create_task(self._prefetch_loop(), name=f"prefetch-{s.job}")
 
     async def _probe(self) -> tuple[int, list[bytes]]:
+        """The first readable field; if none of the first few is readable, the dataset is the problem."""
+        last: CorruptObjectError | None = None
         for candidate in range(min(self.n_fields, FILL_ATTEMPTS * 3)):
             f = self.index.fields[candidate]
             try:
-                return candidate, await self._fetch_channels(f)
+                blobs = await self._fetch_channels(f)
+                probe_shape(blobs, list(f.keys))
+                return candidate, blobs
             except CorruptObjectError as exc:
+                last = exc
                 self._quarantine(candidate, str(exc))
-        raise PrefetchdError("could not read any of the dataset's first fields; see `prefetchd status` "
-                             "quarantined entries and run `prefetchd check DATASET`", code="storage")
+        raise PrefetchdError(f"could not read any of the dataset's first fields: {last.message if last else 'empty'}"
+                             " (run `prefetchd check DATASET`)", code=last.code if last else "storage")
 
     async def close(self) -> None:
         self.closed = True

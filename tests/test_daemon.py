@@ -306,3 +306,15 @@ def test_daemon_killed_mid_epoch_and_restarted_loses_and_duplicates_nothing(synt
         first.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     assert "prefetchd-crash" not in shm_segments()
+
+
+def test_a_bucket_that_is_not_public_is_reported_as_403_with_the_fix(daemon, synthetic, s3):
+    bucket = s3.create_private_bucket("private-jump")
+    client = s3.client()
+    for key in synthetic.manifest.fields[0].keys.values():
+        client.upload_file(str(synthetic.root / key), bucket, key)
+    d = daemon()
+    with pytest.raises(PrefetchdError, match=r"403.*not public or needs credentials.*s3.unsigned=false") as info:
+        attach(f"JUMPS3MultiView:bucket={bucket}:prefix={synthetic.prefix}", batch_size=1, socket=d.socket,
+               cache_size=4, prefetch_factor=1)
+    assert info.value.code == "access_denied"

@@ -1,0 +1,1 @@
+"""Baselines the benchmark compares prefetchd with (see jump_guide.py)."""
