@@ -74,6 +74,7 @@ class Server:
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(s3, config.cache_dir, float(config.get("index.wait_s")))
         self._stats_closed_jobs = {"fields_served": 0, "cache_hits": 0, "cache_misses": 0, "stall_s": 0.0}
+        self._quarantined_closed = 0  # status counters are cumulative: closed jobs still count
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -381,6 +382,7 @@ class Server:
         self.jobs.pop(job.spec.job, None)
         for key in self._stats_closed_jobs:
             self._stats_closed_jobs[key] += getattr(job.stats, key)
+        self._quarantined_closed += len(job.quarantined)
         await job.close()
         log.info("job %s closed", job.spec.job)
 
@@ -423,7 +425,7 @@ class Server:
             "inflight_requests": c.inflight,
             "retries": c.retries,
             "fetch_errors": c.errors,
-            "quarantined": sum(len(j["quarantined"]) for j in jobs),
+            "quarantined": self._quarantined_closed + sum(len(j["quarantined"]) for j in jobs),
             "shm_bytes": sum(j["shm_bytes"] for j in jobs),
             "slots": slots,
             "stall_s": totals["stall_s"],

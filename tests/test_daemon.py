@@ -318,3 +318,19 @@ def test_a_bucket_that_is_not_public_is_reported_as_403_with_the_fix(daemon, syn
         attach(f"JUMPS3MultiView:bucket={bucket}:prefix={synthetic.prefix}", batch_size=1, socket=d.socket,
                cache_size=4, prefetch_factor=1)
     assert info.value.code == "access_denied"
+
+
+def test_belady_beats_lru_when_the_dataset_is_larger_than_the_cache(daemon, synthetic):
+    d = daemon()
+    rates = {}
+    for policy in ("lru", "belady"):
+        with attach(synthetic.local_dataset, batch_size=2, socket=d.socket, job=policy, cache_size=12,
+                    prefetch_factor=1, policy=policy, **RAW) as stream:
+            for epoch in range(4):
+                for batch in stream.epoch(epoch):
+                    for i, field_id in enumerate(batch.ids):
+                        assert_signature(batch.images[i, 2], field_id, "RNA")
+            job = next(j for j in stream.status()["jobs"] if j["job"] == policy)
+        later = [v for e, v in job["epochs"].items() if e != "0"]
+        rates[policy] = sum(v["hits"] for v in later) / sum(v["served"] for v in later)
+    assert rates["belady"] > rates["lru"] > 0

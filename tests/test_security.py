@@ -29,8 +29,10 @@ s.connect(sys.argv[1])
 s.sendall(b'{"op":"ping"}\n')
 f = s.makefile("rb")
 reply = json.loads(f.readline())
-rest = f.read()  # refused peers are disconnected: EOF, nothing more
-print(json.dumps({"reply": reply, "closed_after": rest == b""}))
+closed = None
+if not reply["ok"]:
+    closed = f.read() == b""  # refused peers are disconnected: EOF, nothing more
+print(json.dumps({"reply": reply, "closed_after": closed}))
 """
 
 

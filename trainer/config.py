@@ -20,10 +20,10 @@ CHOICES = {
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base"),
     "s3.policy": ("lru", "belady"),
-    "compute_precision.param_dtype": ("bf16", "fp16", "fp32"),
+    "compute_precision.param_dtype": ("bf16", "fp32"),
 }
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
-FREE_FORM = ("s3.rescale", "s3.clahe")
+FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe")
 
 
 def load_defaults() -> dict[str, Any]:

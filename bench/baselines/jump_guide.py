@@ -68,7 +68,7 @@ def process_bytes(buf: bytes, mode: str, clahe, acct: np.ndarray) -> np.ndarray:
     if mode == "u16":
         image = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
     else:
-        image = cv2.imdecode(arr)  # the guide: default flag = IMREAD_COLOR, 8-bit BGR
+        image = cv2.imdecode(arr, cv2.IMREAD_COLOR)  # the guide: the default flag (C++ default; cv2 5 makes it explicit)
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     t1 = _cpu()
     out = clahe.apply(image)

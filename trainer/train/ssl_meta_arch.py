@@ -14,7 +14,7 @@ from trainer.loss import DINOLoss, KoLeoLoss
 from trainer.models import build_model_from_cfg
 from trainer.train.multicrop_wrapper import MultiCropWrapper
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class SSLMetaArch(nn.Module):
@@ -41,14 +41,16 @@ class SSLMetaArch(nn.Module):
             object.__setattr__(self, "student_forward",
                                nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
-    def compile(self) -> None:
-        self.student.backbone = torch.compile(self.student.backbone)
-        self.teacher.backbone = torch.compile(self.teacher.backbone)
+    def compile_backbones(self) -> None:
+        # In place (nn.Module.compile), so state_dict keys and checkpoints do not change.
+        self.student.backbone.compile()
+        self.teacher.backbone.compile()
 
     def autocast(self):
-        if self.device.type != "cuda":
+        dtype = AUTOCAST_DTYPES[self.cfg["compute_precision"]["param_dtype"]]
+        if self.device.type != "cuda" or dtype == torch.float32:
             return nullcontext()
-        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.cfg["compute_precision"]["param_dtype"]])
+        return torch.autocast("cuda", dtype=dtype)
 
     def forward_backward(self, crops: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         n_global, n_local = crops["n_global"], crops["n_local"]

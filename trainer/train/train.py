@@ -114,7 +114,7 @@ def do_train(cfg: dict, run_dir: Path, state: dict | None, args) -> Path:
         iteration, position = _restore(model, optimizer, state, rank)
     model.wrap_distributed()
     if cfg["train"]["compile"]:
-        model.compile()
+        model.compile_backbones()
     model.train()
     loop = TrainLoop(cfg, model, optimizer, device, run_dir, args)
     return loop.run(iteration, position)
@@ -192,7 +192,8 @@ class TrainLoop:
         self.optimizer.step()
         self.model.update_teacher(values["momentum"])
         if self.log is not None and _every(self.train_cfg["image_log_freq"], iteration):
-            self.log.log_images("crops", _preview(crops), iteration)
+            for name, images in _preview(crops).items():
+                self.log.log_images(name, images, iteration)
         return {**values, **distributed.reduce_mean(losses)}
 
     def _clip_and_freeze(self, last_layer_lr: float) -> None:
@@ -254,18 +255,18 @@ def _every(freq: int, iteration: int) -> bool:
     return freq > 0 and iteration % freq == 0
 
 
-def _preview(crops: dict, n_local: int = 4) -> list:
+def _preview(crops: dict, n_local: int = 4) -> dict[str, list]:
     """First sample's views as [0, 1] images (channel mean when there are several channels)."""
     B = crops["global_crops"].shape[0] // crops["n_global"]
-    views = [crops["global_crops"][i * B] for i in range(crops["n_global"])]
+    views = {"crops/global": [crops["global_crops"][i * B] for i in range(crops["n_global"])]}
     if crops["local_crops"] is not None:
-        views += [crops["local_crops"][i * B] for i in range(min(n_local, crops["n_local"]))]
-    out = []
-    for view in views:
-        img = view.float().mean(0)
-        img = (img - img.min()) / (img.max() - img.min() + 1e-6)
-        out.append(img.cpu().numpy())
-    return out
+        views["crops/local"] = [crops["local_crops"][i * B] for i in range(min(n_local, crops["n_local"]))]
+    return {name: [_to_unit(view) for view in group] for name, group in views.items()}
+
+
+def _to_unit(view: torch.Tensor):
+    img = view.float().mean(0)
+    return ((img - img.min()) / (img.max() - img.min() + 1e-6)).cpu().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""Faults from S3, injected by a real TCP proxy (tests/faultproxy.py) in front of moto.
+
+Transient faults are retried and the pixels that arrive are exactly the source TIFFs; objects that stay
+bad are quarantined (status, log line) and replaced by a substitute so batches keep their size; corrupt
+bytes are never delivered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS
+from prefetchd.client import attach
+from prefetchd.control import request
+
+from faultproxy import FaultProxy
+
+RAW = {"illum": False, "clahe": False, "rescale": False}
+FAST = ("s3.read_timeout_s=1", "s3.connect_timeout_s=1", "s3.retries=3")
+
+
+@pytest.fixture
+def proxy(s3):
+    with FaultProxy(upstream=s3.endpoint_url, seed=1) as p:
+        yield p
+
+
+def check_pixels(synthetic, batch) -> None:
+    """Every delivered channel equals the source TIFF, bit for bit."""
+    for i, field_id in enumerate(batch.ids):
+        f = synthetic.manifest.field_by_id(field_id)
+        for c, channel in enumerate(DEFAULT_CHANNELS):
+            source = tifffile.imread(synthetic.root / f.keys[PHENIX_CHANNELS[channel]])
+            np.testing.assert_array_equal(batch.images[i, c], source, err_msg=f"{field_id} {channel}: garbage delivered")
+
+
+def read_epoch(synthetic, d, job: str, epoch: int = 0, statuses: list | None = None) -> list[str]:
+    statuses = [] if statuses is None else statuses
+    ids = []
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=job, cache_size=24, **RAW) as stream:
+        for batch in stream.epoch(epoch):
+            assert len(batch.ids) == 4
+            check_pixels(synthetic, batch)
+            ids += batch.ids
+        statuses.append(stream.status())  # while attached: the job's own entry is still listed
+    return ids
+
+
+def test_transient_faults_are_retried_and_pixels_are_exact(daemon, synthetic, proxy):
+    d = daemon(*FAST, endpoint_url=proxy.url)
+    for mode, n in (("503", 3), ("500", 2), ("reset", 2), ("truncate", 2), ("stall", 1)):
+        proxy.add_rule(mode, first_n=n, stall_s=5)
+    ids = read_epoch(synthetic, d, "transient")
+    assert sorted(ids) == sorted(f.id for f in synthetic.manifest.fields)
+    fired = {mode: len(proxy.faults(mode)) for mode in ("503", "500", "reset", "truncate", "stall")}
+    assert fired == {"503": 3, "500": 2, "reset": 2, "truncate": 2, "stall": 1}
+    status = request("status", d.socket)
+    assert status["quarantined"] == 0
+    # botocore retries 5xx itself; broken and short bodies are our retries
+    assert status["retries"] >= fired["reset"] + fired["truncate"] + fired["stall"]
+    object_gets = [r for r in proxy.log if r.method == "GET" and ".tiff" in r.path]
+    assert len(object_gets) == 5 * 24 + sum(fired.values())  # each fault cost exactly one more GET
+
+
+def test_objects_that_stay_bad_are_quarantined_and_substituted(daemon, synthetic, proxy):
+    d = daemon(*FAST, endpoint_url=proxy.url)
+    fields = synthetic.manifest.fields
+    missing, denied = fields[5], fields[11]
+    proxy.add_rule("404", match=missing.keys[PHENIX_CHANNELS["ER"]])
+    proxy.add_rule("403", match=denied.keys[PHENIX_CHANNELS["Mito"]])
+    statuses = []
+    ids = read_epoch(synthetic, d, "permanent", statuses=statuses)
+    assert len(ids) == 24  # full batches: substitutes stand in
+    assert missing.id not in ids and denied.id not in ids
+    job = statuses[0]["jobs"][0]
+    assert {q["field"] for q in job["quarantined"]} == {missing.id, denied.id}
+    assert statuses[0]["quarantined"] == 2
+    assert request("status", d.socket)["quarantined"] == 2  # cumulative: still counted after the job closed
+    assert "quarantined field " + missing.id in d.log and "quarantined field " + denied.id in d.log
+    assert "NoSuchKey" in d.log and "AccessDenied" in d.log
+
+
+def test_corrupt_bytes_are_never_delivered(daemon, synthetic, proxy):
+    d = daemon(*FAST, endpoint_url=proxy.url)
+    victim = synthetic.manifest.fields[7]
+    proxy.add_rule("corrupt", match=victim.keys[PHENIX_CHANNELS["DNA"]], first_n=1)   # once: then a good copy
+    proxy.add_rule("corrupt", match=victim.keys[PHENIX_CHANNELS["RNA"]] if False else "r02c01f02p01-ch2")
+    ids = read_epoch(synthetic, d, "corrupt")  # check_pixels fails on any flipped byte that got through
+    assert len(ids) == 24
+    assert len(proxy.faults("corrupt")) >= 1
