@@ -39,6 +39,7 @@ class Rule:
     first_n: int | None = None      # fire on the first N matching requests, then never
     probability: float = 1.0        # else fire with this probability
     stall_s: float = 30.0
+    strip_checksums: bool = False   # corrupt: also drop x-amz-checksum-* (objects uploaded without them)
     fired: int = 0
     seen: int = 0
 
@@ -174,6 +175,8 @@ class FaultProxy:
                 half = len(resp_body) // 2
                 if rule.mode == "corrupt":
                     flipped = bytes(b ^ 0x5A for b in resp_body[half : half + 64])
+                    if rule.strip_checksums:
+                        resp_headers = [h for h in resp_headers if not h.lower().startswith("x-amz-checksum")]
                     writer.write(_response(status, resp_headers, resp_body[:half] + flipped + resp_body[half + 64 :]))
                     await writer.drain()
                     continue

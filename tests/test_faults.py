@@ -86,7 +86,16 @@ def test_corrupt_bytes_are_never_delivered(daemon, synthetic, proxy):
     d = daemon(*FAST, endpoint_url=proxy.url)
     victim = synthetic.manifest.fields[7]
     proxy.add_rule("corrupt", match=victim.keys[PHENIX_CHANNELS["DNA"]], first_n=1)   # once: then a good copy
-    proxy.add_rule("corrupt", match=victim.keys[PHENIX_CHANNELS["RNA"]] if False else "r02c01f02p01-ch2")
+    proxy.add_rule("corrupt", match="r02c01f02p01-ch2")  # always: quarantined
     ids = read_epoch(synthetic, d, "corrupt")  # check_pixels fails on any flipped byte that got through
     assert len(ids) == 24
     assert len(proxy.faults("corrupt")) >= 1
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (fetch.py, lead): bodies are only checked by botocore's flexible "
+                   "checksums; objects uploaded without them (the real cellpainting-gallery) are not checked "
+                   "against their ETag MD5, so same-length corruption that still decodes is delivered")
+def test_corrupt_bytes_without_s3_checksums_are_never_delivered(daemon, synthetic, proxy):
+    d = daemon(*FAST, endpoint_url=proxy.url)
+    proxy.add_rule("corrupt", match="r01c02f01p01-ch5", strip_checksums=True)
+    read_epoch(synthetic, d, "corrupt-nochecksum")
