@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -74,6 +75,28 @@ class JobStats:
     epochs: dict[int, EpochStats] = field(default_factory=lambda: collections.defaultdict(EpochStats))
 
 
+class Pace:
+    """Moving averages of how long a fill takes and how fast each rank consumes (for Little's law)."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.fill_s = 0.0
+        self.rate_per_rank = 0.0
+        self._last_next: dict[int, float] = {}
+
+    def fill_took(self, seconds: float) -> None:
+        self.fill_s = seconds if self.fill_s == 0 else self.fill_s + self.alpha * (seconds - self.fill_s)
+
+    def consumed(self, rank: int, fields: int) -> None:
+        now = time.monotonic()
+        last = self._last_next.get(rank)
+        self._last_next[rank] = now
+        if last is None or now <= last:
+            return
+        rate = fields / (now - last)
+        self.rate_per_rank = rate if self.rate_per_rank == 0 else self.rate_per_rank + self.alpha * (rate - self.rate_per_rank)
+
+
 class Job:
     def __init__(self, spec: JobSpec, index: Index, store: ObjectStore, pool: Executor, *,
                  max_fills: int, local_world_size: int, shm_mode: int = 0o600, shm_gid: int | None = None,
@@ -90,6 +113,7 @@ class Job:
         self.cache: SlotCache | None = None
         self.ranks: dict[int, RankState] = {}
         self.stats = JobStats()
+        self.pace = Pace()
         self.quarantined: dict[int, str] = {}
         self.filling: dict[int, asyncio.Future] = {}
         self.created = time.monotonic()
@@ -248,7 +272,7 @@ class Job:
         live = [r for r in self.ranks.values() if not r.detached]
         b = self.spec.batch_size
         # Windows plus every rank's leased batch must fit in the cache, or ranks could starve each other.
-        depth = max(b, min((self.spec.prefetch_factor + 1) * b, self.spec.cache_size // max(1, len(live)) - b))
+        depth = max(b, min(self.prefetch_depth(), self.spec.cache_size // max(1, len(live)) - b))
         windows = [self._window(r, depth) for r in live]
         seen: dict[int, None] = {}
         for d in range(depth):
@@ -256,6 +280,13 @@ class Job:
                 if d < len(window):
                     seen.setdefault(self.substitute(window[d]), None)
         return list(seen)
+
+    def prefetch_depth(self) -> int:
+        """Fields per rank to keep ahead: the batch being assembled plus max(prefetch_factor batches,
+        Little's law: fields consumed per second × seconds a fill takes, with 2× headroom for jitter)."""
+        b = self.spec.batch_size
+        in_flight = math.ceil(2.0 * self.pace.rate_per_rank * self.pace.fill_s)
+        return b + max(self.spec.prefetch_factor * b, in_flight)
 
     def next_use(self, f: int) -> float:
         """Distance (in positions) until any rank uses field `f` again; inf if not in the next two epochs."""
@@ -317,6 +348,7 @@ class Job:
         self.stats.fields_served += len(mapped)
         state.leased = slots
         state.position = (batch + 1) * b
+        self.pace.consumed(rank, len(mapped))
         self._wake.set()
         return {
             "ok": True,
@@ -391,6 +423,7 @@ class Job:
     async def _fill(self, f: int, slot: int, future: asyncio.Future, blobs: list[bytes] | None) -> None:
         field_ = self.index.fields[f]
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         error = ""
         try:
             for attempt in range(FILL_ATTEMPTS):
@@ -402,6 +435,7 @@ class Job:
                     await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.spec.preprocessing,
                                                self.arena.slot(slot), list(field_.keys))
                     self.cache.finish_fill(slot)
+                    self.pace.fill_took(time.monotonic() - started)
                     self.stats.fields_fetched += 1
                     future.set_result(True)
                     return
@@ -467,4 +501,7 @@ class Job:
             "quarantined": [{"field": self.index.fields[f].id, "reason": r} for f, r in self.quarantined.items()],
             "slots": self.cache.counts() if self.cache else {},
             "filling": len(self.filling),
+            "prefetch_depth": self.prefetch_depth(),
+            "fill_s": self.pace.fill_s,
+            "consume_fields_per_s": self.pace.rate_per_rank,
         }

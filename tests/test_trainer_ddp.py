@@ -6,7 +6,6 @@ import sys
 
 import torch
 
-from conftest import REPO_ROOT
 from test_trainer_train import TINY, _env
 
 from prefetchd.control import request

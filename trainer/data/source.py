@@ -7,7 +7,7 @@ from trainer.errors import TrainerError
 
 
 def make_source(cfg: dict, rank: int, world_size: int):
-    train, s3 = cfg["train"], cfg["s3"]
+    train = cfg["train"]
     dataset = train["dataset_path"]
     if dataset.startswith("Synthetic"):
         params = parse_synthetic(dataset)

