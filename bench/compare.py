@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKETS = {"full": "bench-full", "small": "bench-small"}
+def bucket_for(spec) -> str:
+    return f"bench-{spec.field_count}x{spec.height}"
 SYSTEMS = ("baseline-u16", "baseline-guide", "s3torch-u16", "prefetchd-opencv", "prefetchd")
 LIKE_FOR_LIKE = ("prefetchd-opencv", "baseline-u16")
 
@@ -70,8 +71,8 @@ class Plan:
 
 
 def quick_plan() -> Plan:
-    return Plan(fields=64, epochs=2, fits_cache=40, large_cache=16, batch_size=4,
-                systems=("baseline-u16", "baseline-guide", "s3torch-u16", "prefetchd-opencv", "prefetchd"))
+    return Plan(fields=48, epochs=2, fits_cache=32, large_cache=12, batch_size=4, small_variant=False,
+                systems=("baseline-u16", "baseline-guide", "prefetchd-opencv", "prefetchd"))
 
 
 def full_plan() -> Plan:
@@ -150,6 +151,19 @@ def ensure_plates(data_root: Path, fields: int, size: int):
     if not (root / "manifest.json").exists():
         synth.write_plates(root, spec, workers=2)
     return spec, manifest
+
+
+def already_uploaded(endpoint: str, bucket: str, manifest) -> bool:
+    from prefetchd.locals3 import admin_client
+
+    client = admin_client(endpoint)
+    try:
+        keys = manifest.all_keys
+        for key in (keys[0], keys[len(keys) // 2], keys[-1]):
+            client.head_object(Bucket=bucket, Key=key)
+        return True
+    except Exception:
+        return False
 
 
 def dataset_fields(manifest, batch: str | None) -> list[tuple[str, list[str]]]:
@@ -409,12 +423,19 @@ def run_prefetchd(job: dict) -> dict:
 # Orchestration (parent)
 
 
+def _busy(t) -> float:
+    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+
 def spawn_run(job: dict, timeout: float) -> dict:
     """Run one system in a subprocess; sample its tree's memory; CPU from wait4 rusage."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     jpath = Path(job["workdir"]) / f"job-{job['system']}-{job['regime']}-{time.monotonic_ns()}.json"
     jpath.write_text(json.dumps(job))
     opath = jpath.with_suffix(".out.json")
+    import psutil
+
+    busy0 = _busy(psutil.cpu_times())
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bench.compare", "--run-one", str(jpath), "--out-json", str(opath)],
                             env=env, cwd=ROOT)
@@ -437,6 +458,7 @@ def spawn_run(job: dict, timeout: float) -> dict:
     out["memory"] = sampler.peak()
     out["memory_timeline"] = sampler.samples
     out["process_cpu_s"] = usage.ru_utime + usage.ru_stime
+    out["machine_busy_s"] = _busy(psutil.cpu_times()) - busy0  # every process on the machine, for "other CPU"
     out["wall_s"] = wall
     return out
 
@@ -565,7 +587,7 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
     cache = plan.fits_cache if name == "fits" else plan.large_cache
     results = {}
     for system in systems:
-        job = {"system": system, "regime": name, "fields": fields, "bucket": BUCKETS[variant], "prefix": prefix,
+        job = {"system": system, "regime": name, "fields": fields, "bucket": bucket_for(spec), "prefix": prefix,
                "endpoint": ctx["proxy"].endpoint_url, "proxy_stats": ctx["proxy"].stats_port,
                "batch_size": plan.batch_size, "epochs": epochs or plan.epochs, "seed": 0, "cache_size": cache,
                "workdir": str(ctx["work"]), "demand": demand, "profile": plan.profile and demand is None
@@ -576,6 +598,9 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
         run = spawn_run(job, timeout=600)
         run["server_cpu_s"] = proc_cpu(ctx["server"].proc.pid) - s0
         run["proxy_cpu_s"] = proc_cpu(ctx["proxy"].pid) - p0
+        # CPU used by processes outside this benchmark (e.g. other jobs on the machine) during the run
+        run["other_cpu_s"] = max(0.0, run.get("machine_busy_s", 0.0) - run.get("process_cpu_s", 0.0)
+                                 - run["server_cpu_s"] - run["proxy_cpu_s"])
         run.update(regime=name, n_fields=len(fields), cache_size=cache, variant=variant, demand=demand)
         results[system] = run
         if "error" in run:
@@ -584,7 +609,7 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
             log(f"  {name:5s} {system:17s} {fps(run):6.2f} fields/s  stall {np.mean([e['stall_share'] for e in run['epochs']]):5.1%}"
                 f"  cpu {per_field(run) * 1e3:6.0f} ms/field  hit/epoch "
                 + " ".join(f"{e['hit_rate']:.0%}" for e in run["epochs"])
-                + f"  rss {run['memory']['rss_peak'] / 2**30:.2f} GiB")
+                + f"  rss {run['memory']['rss_peak'] / 2**30:.2f} GiB  other-load {run['other_cpu_s'] / run['wall_s']:.2f} cores")
     return results
 
 
@@ -649,10 +674,12 @@ def run_all(plan: Plan, a) -> int:
         f"({results['generate_s']:.1f} s)")
     with tempfile.TemporaryDirectory(prefix="prefetchd-bench-") as tmp:
         work = Path(tmp)
-        with S3Server(a.server, work / "s3") as server:
+        # The server's data dir persists beside the plates, so later runs skip the upload.
+        with S3Server(a.server, data_root / f"s3-{a.server}") as server:
             t0 = time.perf_counter()
             for variant, (spec, manifest) in data.items():
-                synth.upload(manifest, server.endpoint_url, BUCKETS[variant], workers=8)
+                if not already_uploaded(server.endpoint_url, bucket_for(spec), manifest):
+                    synth.upload(manifest, server.endpoint_url, bucket_for(spec), workers=8)
             results["server"] = {"kind": a.server, "startup_s": server.startup_s,
                                  "upload_s": time.perf_counter() - t0}
             log(f"server: {a.server} at {server.endpoint_url} (up in {server.startup_s:.1f} s, "

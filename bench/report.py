@@ -12,7 +12,7 @@ from bench.compare import bounds_for, fps, per_field, schedule_sequence, simulat
 
 COLUMNS = ("system", "fields/s", "stall", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",
-           "shm GiB", "bits")
+           "shm GiB", "bits", "other load (cores)")
 
 
 def _bits(system: str) -> str:
@@ -41,6 +41,7 @@ def row_for(system: str, run: dict) -> list[str]:
         f"{mem.get('pss_peak', 0) / 2**30:.2f}",
         f"{run.get('shm_bytes', 0) / 2**30:.2f}",
         _bits(system),
+        f"{run.get('other_cpu_s', 0) / run['wall_s']:.2f}" if run.get("wall_s") else "",
     ]
 
 
@@ -237,7 +238,9 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         "`prefetchd`: defaults (illum, rescale 0.1/99.9, 256-bin CLAHE, 16-bit output).",
         "- GETs and MB are counted by the proxy (neutral); CPU is user+sys of each system's whole process tree "
         "(consumer included) from rusage/psutil; server and proxy CPU are reported separately, not subtracted. "
-        "RSS is summed over all processes of a system (shared pages counted once per process); PSS splits them.",
+        "RSS is summed over all processes of a system (shared pages counted once per process); PSS splits them. "
+        "`other load` = CPU used by processes outside the benchmark during the run (cores): the machine is shared, "
+        "numbers from runs with high other load are depressed and are not corrected.",
         "",
     ]
     titles = (("fits", "Dataset fits in the cache"), ("large", "Dataset larger than the cache"),

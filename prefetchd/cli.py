@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
     configure_logging(config.get("log_level"))
 
     async def run() -> None:
-        await Server(config).serve()
+        await Server(config, reload=lambda: load_config(args)).serve()
 
     uvloop.run(run())
     return 0

@@ -50,7 +50,7 @@ class DiskTier:
         digest = hashlib.sha256(f"{self.namespace}\0{key}".encode()).hexdigest()
         return self.directory / digest[:2] / digest
 
-    async def get(self, key: str, expected_size: int = -1) -> bytes:
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes:
         path = self.path_of(key)
         if path in self._entries:
             data = await asyncio.to_thread(_read, path)
@@ -60,7 +60,7 @@ class DiskTier:
                 return data
             self._forget(path)  # vanished or damaged on disk: fetch it again
         self.misses += 1
-        data = await self.inner.get(key, expected_size)
+        data = await self.inner.get(key, expected_size, expected_etag)
         if len(data) <= self.max_bytes:
             await asyncio.to_thread(self._store, path, data)
         return data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -42,10 +43,14 @@ class TruncatedBody(Exception):
     pass
 
 
+class BadChecksum(Exception):
+    """The body's MD5 is not the object's ETag: bytes changed in flight."""
+
+
 class ObjectStore(Protocol):
     counters: FetchCounters
 
-    async def get(self, key: str, expected_size: int = -1) -> bytes: ...
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes: ...
 
 
 def backoff_s(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
@@ -62,23 +67,24 @@ class S3Store:
     """
 
     def __init__(self, client: Any, bucket: str, semaphore: asyncio.Semaphore, counters: FetchCounters,
-                 retries: int = 5):
+                 retries: int = 5, verify_md5: bool = True):
         self.client = client
         self.bucket = bucket
         self.semaphore = semaphore
         self.counters = counters
         self.retries = retries
+        self.verify_md5 = verify_md5
 
-    async def get(self, key: str, expected_size: int = -1) -> bytes:
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes:
         for attempt in range(self.retries + 1):
             try:
-                return await self._get_once(key, expected_size)
+                return await self._get_once(key, expected_size, expected_etag)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
                     raise self._object_error(key, exc) from exc
-            except (*_TRANSIENT, TruncatedBody, BotoCoreError) as exc:
+            except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
                     raise CorruptObjectError(
@@ -94,7 +100,7 @@ class S3Store:
         reason = classify_storage_error(exc, endpoint, self.bucket)
         return CorruptObjectError(f"s3://{self.bucket}/{key}: {reason.message}", code=reason.code)
 
-    async def _get_once(self, key: str, expected_size: int) -> bytes:
+    async def _get_once(self, key: str, expected_size: int, expected_etag: str | None = None) -> bytes:
         async with self.semaphore:
             self.counters.inflight += 1
             self.counters.gets += 1
@@ -107,8 +113,22 @@ class S3Store:
         announced = response.get("ContentLength", -1)
         if (announced >= 0 and len(data) != announced) or (expected_size >= 0 and len(data) != expected_size):
             raise TruncatedBody(f"got {len(data)} bytes, expected {expected_size if expected_size >= 0 else announced}")
+        if self.verify_md5:
+            _check_md5(data, expected_etag or response.get("ETag"))
         self.counters.add_bytes(len(data))
         return data
+
+
+def _check_md5(data: bytes, etag: str | None) -> None:
+    """A single-part upload's ETag is the MD5 of its bytes; objects uploaded without flexible checksums
+    (the public JUMP bucket) have nothing else that would catch same-length corruption. Multipart and
+    SSE-KMS ETags are not MD5s and are skipped."""
+    etag = (etag or "").strip('"')
+    if len(etag) != 32 or "-" in etag:
+        return
+    digest = hashlib.md5(data).hexdigest()
+    if digest != etag.lower():
+        raise BadChecksum(f"MD5 {digest} != ETag {etag}")
 
 
 class LocalStore:
@@ -119,7 +139,7 @@ class LocalStore:
         self.semaphore = semaphore
         self.counters = counters
 
-    async def get(self, key: str, expected_size: int = -1) -> bytes:
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes:
         path = self.root / key
         async with self.semaphore:
             self.counters.inflight += 1

@@ -462,7 +462,8 @@ class Job:
             self._wake.set()
 
     async def _fetch_channels(self, f) -> list[bytes]:
-        return list(await asyncio.gather(*(self.store.get(k, s) for k, s in zip(f.keys, f.sizes))))
+        etags = f.etags or (None,) * len(f.keys)
+        return list(await asyncio.gather(*(self.store.get(k, s, e or None) for k, s, e in zip(f.keys, f.sizes, etags))))
 
     def _quarantine(self, f: int, reason: str) -> None:
         self.quarantined[f] = reason

@@ -26,6 +26,7 @@ from prefetchd.config import Config
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import PrefetchdError, ProtocolError
+from prefetchd.disk_tier import DiskTier
 from prefetchd.fetch import LocalStore, ObjectStore, S3Store
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job, JobSpec
@@ -63,6 +64,7 @@ class Server:
         self.started = time.monotonic()
         self.should_exit = asyncio.Event()
         self.counters = FetchCounters()
+        self.disk_tiers: dict[str, DiskTier] = {}
         self.jobs: dict[str, Job] = {}
         self._job_starts: dict[str, asyncio.Future] = {}
         self._connections: set[asyncio.Task] = set()
@@ -349,8 +351,14 @@ class Server:
     def _store_for(self, spec: DatasetSpec) -> ObjectStore:
         if spec.is_local:
             return LocalStore(spec.root, self.semaphore, self.counters)
-        return S3Store(self.s3client, spec.bucket, self.semaphore, self.counters,
-                       retries=int(self.config.get("s3.retries")))
+        store: ObjectStore = S3Store(self.s3client, spec.bucket, self.semaphore, self.counters,
+                                     retries=int(self.config.get("s3.retries")),
+                                     verify_md5=bool(self.config.get("s3.verify_md5")))
+        tier = self.config.tree["disk_cache"]
+        if tier["dir"] and tier["max_bytes"]:
+            namespace = f"{resolve_endpoint(self.config.get('s3.endpoint_url')) or 'aws'}/{spec.bucket}"
+            store = self.disk_tiers.setdefault(namespace, DiskTier(store, tier["dir"], tier["max_bytes"], namespace))
+        return store
 
     async def op_next(self, conn: Connection, epoch: int, batch: int) -> dict:
         job = self._attached(conn)
@@ -430,6 +438,7 @@ class Server:
             "slots": slots,
             "stall_s": totals["stall_s"],
             "indexing": self.indexes.status(),
+            "disk_cache": [tier.status() for tier in self.disk_tiers.values()],
         }
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from prefetchd import synth
 from prefetchd.locals3 import LocalS3
+from prefetchd.shm.arena import read_owner_pid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DAEMON_START_TIMEOUT_S = 60.0
@@ -195,7 +196,9 @@ def daemon(s3) -> Iterator[Callable[..., Daemon]]:
     yield start
 
     problems = [problem for handle in started if (problem := _shut_down(handle))]
-    leaked = shm_segments() - segments_before
+    # Only this fixture's daemons count: other test sessions may run daemons on the same machine.
+    ours = {handle.proc.pid for handle in started}
+    leaked = {name for name in shm_segments() - segments_before if read_owner_pid(name) in ours}
     if leaked:
         problems.append(f"shared memory segments left behind: {sorted(leaked)}")
     assert not problems, "\n".join(problems)

@@ -64,3 +64,20 @@ def test_a_damaged_entry_is_fetched_again(synthetic, tmp_path):
             assert tier.misses == 2
 
     asyncio.run(run())
+
+
+def test_daemon_with_a_disk_tier_reads_a_dataset_once_from_the_network(daemon, synthetic, tmp_path):
+    from prefetchd.client import attach
+
+    d = daemon(f"disk_cache.dir={tmp_path / 'objects'}", "disk_cache.max_bytes=1000000000")
+    raw = dict(illum=False, clahe=False, rescale=False, cache_size=24)
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="first", **raw) as stream:
+        first = {i: b.images[k].copy() for b in stream.epoch(0) for k, i in enumerate(b.ids)}
+        gets = stream.status()["gets"]
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="second", **raw) as stream:
+        for batch in stream.epoch(0):
+            for k, field_id in enumerate(batch.ids):
+                assert (batch.images[k] == first[field_id]).all()
+        status = stream.status()
+    assert status["gets"] == gets  # the second job's arena was cold, the disk tier was not
+    assert status["disk_cache"][0]["hits"] == 5 * 24

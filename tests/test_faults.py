@@ -92,9 +92,6 @@ def test_corrupt_bytes_are_never_delivered(daemon, synthetic, proxy):
     assert len(proxy.faults("corrupt")) >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fetch.py, lead): bodies are only checked by botocore's flexible "
-                   "checksums; objects uploaded without them (the real cellpainting-gallery) are not checked "
-                   "against their ETag MD5, so same-length corruption that still decodes is delivered")
 def test_corrupt_bytes_without_s3_checksums_are_never_delivered(daemon, synthetic, proxy):
     d = daemon(*FAST, endpoint_url=proxy.url)
     proxy.add_rule("corrupt", match="r01c02f01p01-ch5", strip_checksums=True)

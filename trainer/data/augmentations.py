@@ -33,14 +33,15 @@ class MultiCropAugmentation:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """images: normalised float [B, C, H, W] on the device; `generator` (CPU) draws every choice."""
         B, C = images.shape[:2]
-        sources = self._view_sources(images)
+        global_sources = self._view_sources(_antialias(images, self.global_crops_scale, self.global_crops_size))
+        local_sources = self._view_sources(_antialias(images, self.local_crops_scale, self.local_crops_size))
         global_choice = [torch.full((B,), C), torch.randint(0, C, (B,), generator=generator)]
         global_crops = [
-            self._crop(sources, choice, self.global_crops_scale, self.global_crops_size, generator)
+            self._crop(global_sources, choice, self.global_crops_scale, self.global_crops_size, generator)
             for choice in global_choice
         ]
         local_crops = [
-            self._crop(sources, self._local_choice(B, C, generator), self.local_crops_scale,
+            self._crop(local_sources, self._local_choice(B, C, generator), self.local_crops_scale,
                        self.local_crops_size, generator)
             for _ in range(self.local_crops_number)
         ]
@@ -61,10 +62,9 @@ class MultiCropAugmentation:
 
     def _crop(self, sources: torch.Tensor, choice: torch.Tensor, scale: tuple[float, float], size: int,
               generator: torch.Generator) -> torch.Tensor:
-        B, _, H, W = sources.shape
+        B = sources.shape[0]
         if self.mode == CHANNEL_AS_VIEW:
             sources = sources[torch.arange(B), choice.to(sources.device)].unsqueeze(1)
-        sources = _antialias(sources, scale, size)
         theta = _random_resized_crop_theta(B, scale, self.flip_probability, generator).to(sources.device)
         grid = F.affine_grid(theta, [B, sources.shape[1], size, size], align_corners=False)
         crops = F.grid_sample(sources, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -80,15 +80,15 @@ class MultiCropAugmentation:
         return crops * gain.to(crops.device) + shift.to(crops.device)
 
 
-def _antialias(sources: torch.Tensor, scale: tuple[float, float], size: int) -> torch.Tensor:
+def _antialias(images: torch.Tensor, scale: tuple[float, float], size: int) -> torch.Tensor:
     """Average-pool by the largest integer factor every crop of this scale range still allows.
 
     Bilinear sampling of a 1080-pixel field into 224 pixels would alias; pooling first keeps each
     output pixel an average of the input pixels it covers, and makes the sampling cheaper.
     """
-    smallest_side = math.sqrt(scale[0] * 3 / 4) * min(sources.shape[-2:])
+    smallest_side = math.sqrt(scale[0] * 3 / 4) * min(images.shape[-2:])
     factor = int(smallest_side // size)
-    return F.avg_pool2d(sources, factor) if factor >= 2 else sources
+    return F.avg_pool2d(images, factor) if factor >= 2 else images
 
 
 def _random_resized_crop_theta(B: int, scale: tuple[float, float], flip_probability: float,

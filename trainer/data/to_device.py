@@ -22,6 +22,9 @@ def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def normalize_per_channel(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per image and per channel zero mean, unit variance: stains differ by orders of magnitude."""
+    """Per image and per channel zero mean, unit variance: stains differ by orders of magnitude.
+
+    In place: a batch of full fields is large, and the float tensor is ours (never the shm view).
+    """
     std, mean = torch.std_mean(x, dim=(-2, -1), keepdim=True)
-    return (x - mean) / (std + eps)
+    return x.sub_(mean).div_(std.add_(eps))
