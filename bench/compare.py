@@ -68,15 +68,16 @@ class Plan:
     cache_sweep: bool = False
     small_variant: bool = True
     profile: bool = True
+    regimes: tuple[str, ...] = ("fits", "large")
 
 
 def quick_plan() -> Plan:
-    return Plan(fields=48, epochs=2, fits_cache=32, large_cache=12, batch_size=4, small_variant=False,
+    return Plan(fields=48, epochs=2, fits_cache=32, large_cache=12, batch_size=4, small_variant=False, profile=False,
                 systems=("baseline-u16", "baseline-guide", "prefetchd-opencv", "prefetchd"))
 
 
 def full_plan() -> Plan:
-    return Plan(fields=192, epochs=3, fits_cache=128, large_cache=48, batch_size=8,
+    return Plan(fields=96, epochs=3, fits_cache=64, large_cache=24, batch_size=8,
                 latency_sweep=(0.0, 30.0, 100.0), cache_sweep=True)
 
 
@@ -590,9 +591,8 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
         job = {"system": system, "regime": name, "fields": fields, "bucket": bucket_for(spec), "prefix": prefix,
                "endpoint": ctx["proxy"].endpoint_url, "proxy_stats": ctx["proxy"].stats_port,
                "batch_size": plan.batch_size, "epochs": epochs or plan.epochs, "seed": 0, "cache_size": cache,
-               "workdir": str(ctx["work"]), "demand": demand, "profile": plan.profile and demand is None
-               and system == "prefetchd-opencv" and name == "large" and variant == "full",
-               "warm": demand is None}
+               "workdir": str(ctx["work"]), "demand": demand, "profile": False,
+               "warm": demand is None and not (extra or {}).get("profile")}
         job.update(extra or {})
         s0, p0 = proc_cpu(ctx["server"].proc.pid), proc_cpu(ctx["proxy"].pid)
         run = spawn_run(job, timeout=600)
@@ -631,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=None, help="comma list out of " + ",".join(SYSTEMS))
     ap.add_argument("--no-small", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="add a py-spy run of the daemon (default in full mode)")
     ap.add_argument("--data-dir", default=os.environ.get("BENCH_DATA_DIR", str(Path(tempfile.gettempdir()) / "prefetchd-bench-data")))
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--markdown", default=None, help="BENCHMARKS.md path (full mode default: ./BENCHMARKS.md)")
@@ -650,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.systems:
         plan.systems = tuple(s for s in a.systems.split(",") if s)
     plan.small_variant = plan.small_variant and not a.no_small
-    plan.profile = plan.profile and not a.no_profile
+    plan.profile = (plan.profile or a.profile) and not a.no_profile
     return run_all(plan, a)
 
 
@@ -689,12 +690,13 @@ def run_all(plan: Plan, a) -> int:
                     f"{plan.conn_mbps or '∞'} MB/s, total {plan.total_mbps or '∞'} MB/s")
                 ctx = {"data": data, "server": server, "proxy": proxy, "work": work}
                 runs = results["runs"]
-                for regime in ("fits", "large"):
+                for regime in plan.regimes:
                     runs[regime] = run_regime(regime, plan, ctx, plan.systems, log=log)
                 if plan.small_variant:
                     runs["small-large"] = run_regime("large", plan, ctx, LIKE_FOR_LIKE, variant="small", log=log)
-                runs["stall"] = run_regime("large", plan, ctx, plan.stall_systems, demand=plan.demand, epochs=1,
-                                           log=lambda m: log(m + f"  [demand {plan.demand:g} fields/s]"))
+                if plan.stall_systems:
+                    runs["stall"] = run_regime("large", plan, ctx, plan.stall_systems, demand=plan.demand, epochs=1,
+                                               log=lambda m: log(m + f"  [demand {plan.demand:g} fields/s]"))
                 if plan.cache_sweep:
                     runs["policy"] = {}
                     for policy in ("lru", "belady"):
@@ -708,12 +710,17 @@ def run_all(plan: Plan, a) -> int:
                             ctx2 = dict(ctx, proxy=px2)
                             runs["latency"][lat] = run_regime("large", plan, ctx2, LIKE_FOR_LIKE, epochs=1,
                                                               log=lambda m, l=lat: log(m + f"  [latency {l:g} ms]"))
-                for regime in ("fits", "large"):
+                for regime in plan.regimes:
                     spec, manifest = data["full"]
                     n = next(iter(runs[regime].values()))["n_fields"]
                     cache = plan.fits_cache if regime == "fits" else plan.large_cache
                     results.setdefault("bounds", {})[regime] = bounds_for(n, cache, plan.epochs, plan.batch_size)
-                prof = runs["large"].get("prefetchd-opencv", {}).get("profile_path")
+                prof = None
+                if plan.profile:  # a separate run: py-spy's own CPU must not land in the measured runs
+                    runs["profiled"] = run_regime("large", plan, ctx, ["prefetchd-opencv"], epochs=1,
+                                                  extra={"profile": True},
+                                                  log=lambda m: log(m + "  [under py-spy, not comparable]"))
+                    prof = runs["profiled"]["prefetchd-opencv"].get("profile_path")
                 results["profile"] = summarize_profile(prof) if prof else {}
                 if prof and Path(prof).exists():
                     shutil.copy(prof, data_root / "pyspy-daemon-raw.txt")

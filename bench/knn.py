@@ -1,6 +1,6 @@
 """Does DINO learn on the synthetic phenotype plates? kNN accuracy of teacher features vs random init.
 
-    python bench/knn.py [--fields 128] [--size 256] [--iters 300] [--arch vit_pico] [key=value ...]
+    python bench/knn.py [--fields 128] [--size 256] [--iters 150] [--arch vit_pico] [key=value ...]
 
 Generates plates with four phenotypes (prefetchd.synth), starts a daemon on the local copy, trains a
 small ViT on CPU through the real stream, then embeds every field with (a) the trained teacher and
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("bench/knn.py", description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=128)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--arch", default="vit_pico")
     parser.add_argument("opts", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)

@@ -53,7 +53,7 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
 
     plan = Plan(fields=8, size=64, small_size=32, batch_size=2, epochs=1, fits_cache=8, large_cache=6,
                 latency_ms=5.0, systems=("baseline-u16", "prefetchd-opencv"), stall_systems=(),
-                small_variant=False, profile=False)
+                small_variant=False, profile=False, regimes=("large",))
     args = argparse.Namespace(data_dir=str(tmp_path / "data"), server="seaweedfs", json=str(tmp_path / "r.json"),
                               markdown=str(tmp_path / "BENCH.md"), quick=True)
     assert run_all(plan, args) == 0
@@ -63,7 +63,7 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
     import json
 
     results = json.loads((tmp_path / "r.json").read_text())
-    for regime in ("fits", "large"):
+    for regime in plan.regimes:
         for system in plan.systems:
             run = results["runs"][regime][system]
             assert "error" not in run, run
