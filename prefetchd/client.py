@@ -56,6 +56,8 @@ class Stream:
         self.fields: int = reply["fields"]
         self.channels: list[str] = reply["channels"]
         self.batches_per_epoch: int = reply["batches_per_epoch"]
+        # What the daemon applied; `clahe.where == "trainer"` means CLAHE is left to the consumer's device.
+        self.preprocessing: dict[str, Any] = reply.get("preprocessing", {})
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size

@@ -304,6 +304,7 @@ class Server:
             "fields": the_job.n_fields,
             "channels": list(spec.channels),
             "batches_per_epoch": the_job.batches_per_epoch,
+            "preprocessing": the_job.spec.preprocessing.to_dict(),
             "position": {"epoch": state.epoch, "position": state.position},
         }
 

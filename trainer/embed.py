@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from trainer.config import load_defaults, merge, nest, parse_override
 from trainer.data.source import make_source
-from trainer.data.to_device import images_to_device, normalize_per_channel
+from trainer.data.to_device import images_to_device_with_clahe, normalize_per_channel, trainer_clahe_options
 from trainer.errors import TrainerError
 from trainer.models import build_model_from_cfg
 from trainer.utils.checkpoint import check_channels, find_checkpoint, load_checkpoint
@@ -77,7 +77,8 @@ def embed(state: dict, cfg: dict, weights: str, output: Path) -> int:
                 raise TrainerError(f"the dataset gives {batch.images.shape[1]} channels per field but the "
                                    f"checkpoint was trained on {len(state['channels'])} "
                                    f"({', '.join(state['channels'])})")
-            vectors = embed_batch(backbone, images_to_device(batch.images, device), cfg).float().cpu().numpy()
+            images = images_to_device_with_clahe(batch.images, device, trainer_clahe_options(source))
+            vectors = embed_batch(backbone, images, cfg).float().cpu().numpy()
             rows.update(zip(batch.ids, vectors))
     finally:
         source.close()

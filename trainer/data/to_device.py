@@ -21,6 +21,27 @@ def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return view.to(device).float()
 
 
+def trainer_clahe_options(source) -> dict | None:
+    """The CLAHE the daemon left to us (`clahe.where: trainer`), or None."""
+    clahe = getattr(source, "preprocessing", {}).get("clahe")
+    if not clahe or clahe.get("where") != "trainer":
+        return None
+    return {"clip_limit": clahe["clip_limit"], "tile_grid": clahe["tile_grid"], "bins": clahe["bins"]}
+
+
+def images_to_device_with_clahe(images: np.ndarray, device: torch.device, clahe: dict | None) -> torch.Tensor:
+    """As `images_to_device`, applying the daemon-deferred CLAHE on the device first (same pixels as the
+    daemon's CPU kernel, within 1 of 65,535)."""
+    if clahe is None:
+        return images_to_device(images, device)
+    from prefetchd.preprocess.clahe_torch import clahe_torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        view = torch.from_numpy(images)
+    return clahe_torch(view.to(device), **clahe).float()
+
+
 def normalize_per_channel(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per image and per channel zero mean, unit variance: stains differ by orders of magnitude.
 

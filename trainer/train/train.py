@@ -19,7 +19,7 @@ from prefetchd.errors import PrefetchdError
 from trainer.config import load_config
 from trainer.data.augmentations import make_augmentation
 from trainer.data.source import make_source
-from trainer.data.to_device import images_to_device, normalize_per_channel
+from trainer.data.to_device import images_to_device_with_clahe, normalize_per_channel, trainer_clahe_options
 from trainer.errors import TrainerError
 from trainer.models import in_chans_for
 from trainer.train.schedulers import apply_optim_scheduler, build_schedulers
@@ -148,6 +148,7 @@ class TrainLoop:
         source = make_source(self.cfg, self.rank, self.world_size)
         try:
             self._check_source(source)
+            self.device_clahe = trainer_clahe_options(source)
             iteration = self._loop(source, iteration, position)
         finally:
             source.close()
@@ -180,7 +181,7 @@ class TrainLoop:
 
     def _step(self, batch, iteration: int) -> dict:
         self._check_channels(batch.images)
-        images = normalize_per_channel(images_to_device(batch.images, self.device))
+        images = normalize_per_channel(images_to_device_with_clahe(batch.images, self.device, self.device_clahe))
         generator = step_generator(self.train_cfg["seed"], self.rank, iteration)
         crops = self.augment(images, generator)
         del images
