@@ -46,7 +46,7 @@ def render_status(s: dict[str, Any]) -> Group:
                              for r, v in j["ranks"].items())
             jobs.add_row(j["job"], f"{j['fields']:,}", ranks, f"{j['fields_served']:,}", f"{j['hit_rate']:.1%}",
                          f"{j['hit_rate_bound']:.1%}", f"{j['fields_fetched']:,}", f"{j['stall_s']:.2f} s",
-                         " ".join(f"{k[0]}{v}" for k, v in j["slots"].items()))
+                         " ".join(f"{k.lower()} {v}" for k, v in j["slots"].items() if v))
         parts.append(jobs)
         for j in s["jobs"]:
             for q in j["quarantined"][:10]:
