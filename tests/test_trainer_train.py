@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -143,3 +145,27 @@ def test_launcher_without_daemon_or_permission_to_start_one_is_one_line(tmp_path
                             timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no prefetchd daemon is running")
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_continues(synthetic, daemon, tmp_path):
+    d = daemon()
+    args = [*_data_args(synthetic, d, tmp_path), "--no-wandb", "--run-name", "preempted", "train.batch_size_per_gpu=4",
+            "train.OFFICIAL_EPOCH_LENGTH=6", "optim.epochs=50", "train.saveckp_freq=1000"]
+    command = [sys.executable, "-m", "trainer.train", "--config", str(TINY), *args]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "checkpoints" / "preempted" / "logs" / "log.txt"
+    try:
+        deadline = time.monotonic() + 90
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.1)  # polling the log for a condition, bounded by the deadline
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    last = _log(tmp_path / "checkpoints" / "preempted")[-1]["iteration"]
+    assert f"preempted: checkpoint saved at iteration {last}" in out
+    state = torch.load(tmp_path / "checkpoints" / "preempted" / "ckpt" / f"model_{last:07d}.pth", weights_only=True)
+    assert state["iteration"] == last < 300

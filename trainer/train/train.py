@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -145,6 +146,7 @@ class TrainLoop:
             self.log = MetricLog(run_dir, self.total_iters, wandb_run)
 
     def run(self, iteration: int, position: dict) -> Path:
+        self._install_preemption_handler()
         source = make_source(self.cfg, self.rank, self.world_size)
         try:
             self._check_source(source)
@@ -157,6 +159,16 @@ class TrainLoop:
                 if self.log.wandb_run is not None:
                     self.log.wandb_run.finish()
         return self.run_dir
+
+    def _install_preemption_handler(self) -> None:
+        """SIGTERM (torchrun, Slurm, Kubernetes) or SIGUSR1 (Slurm's warning): finish the step, checkpoint, stop."""
+        self.preempted = False
+
+        def request_stop(signum, frame) -> None:
+            self.preempted = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
 
     def _check_source(self, source) -> None:
         if source.batches_per_epoch == 0:
@@ -216,6 +228,10 @@ class TrainLoop:
         every = _every(self.train_cfg["log_freq"], iteration) or iteration == self.stop_at
         if self.log is not None and every:
             self.log.log(self._metrics(source, iteration, position, batch, metrics, step_s, waited))
+        if distributed.any_rank(self.preempted) and iteration < self.stop_at:
+            self.stop_at = iteration
+            if self.log is not None:
+                print(f"preempted: checkpoint saved at iteration {iteration}; continue with --resume", flush=True)
         if iteration % self.train_cfg["saveckp_freq"] == 0 or iteration == self.stop_at:
             self._save(iteration, position)
 
