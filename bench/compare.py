@@ -501,7 +501,7 @@ def stage_costs_prefetchd(manifest, root: Path, opts: dict, repeat: int = 3) -> 
             t4 = time.thread_time()
             slot[c] = img
             t5 = time.thread_time()
-            for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            for k, v in zip(("decode", "illum", "rescale", "clahe", "copy"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 t[k] += v
         best = t if not best else {k: min(best[k], t[k]) for k in t}
     return {k: v * 1e3 for k, v in best.items()}

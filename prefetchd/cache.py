@@ -26,6 +26,7 @@ class SlotCache:
         self.uses_since_fill = [0] * n
         self.slot_of: dict[int, int] = {}
         self.free: collections.deque[int] = collections.deque(range(n))
+        self.evicted_unused = 0  # filled, then evicted before anyone used it: wasted fetches
         self._recency: collections.OrderedDict[int, None] = collections.OrderedDict()  # READY, unleased
 
     def _set(self, slot: int, state: SlotState, field: int | None = None) -> None:
@@ -73,14 +74,23 @@ class SlotCache:
             self._set(slot, SlotState.READY)
             self._recency[slot] = None  # most recently used
 
-    def take_slot(self, protected: set[int], next_use: Callable[[int], float] | None = None) -> int | None:
-        """A FREE slot, else the victim the policy picks among READY slots not in `protected`."""
+    def take_slot(self, protected: set[int], next_use: Callable[[int], float] | None = None,
+                  free_only: bool = False) -> int | None:
+        """A FREE slot, else the victim the policy picks among READY slots not in `protected`.
+
+        `free_only`: an optional, early prefetch never evicts. Measured: even a belady-admitted early eviction
+        (victim used later than the prefetched field) lowers the hit rate when the cache is tight, because it
+        spends the slot before demand would have picked the best victim.
+        """
         if self.free:
             return self.free.popleft()
+        if free_only:
+            return None
         victim = self._victim(protected, next_use)
         if victim is None:
             return None
         self._recency.pop(victim, None)
+        self.evicted_unused += self.uses_since_fill[victim] == 0
         self.slot_of.pop(self.field_of[victim], None)
         self.field_of[victim] = -1
         self._set(victim, SlotState.FREE, -1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prefetchd.cache import SlotCache
+from prefetchd.counters import RateMeter
 from prefetchd.decode import assemble_field, probe_shape
 from prefetchd.errors import CorruptObjectError, PrefetchdError, ShmError
 from prefetchd.fetch import ObjectStore
@@ -83,9 +84,20 @@ class Pace:
         self.fill_s = 0.0
         self.rate_per_rank = 0.0
         self._last_next: dict[int, float] = {}
+        self._completions = RateMeter(window_s=5.0)
+        self._fills: collections.deque[float] = collections.deque(maxlen=64)
 
     def fill_took(self, seconds: float) -> None:
-        self.fill_s = seconds if self.fill_s == 0 else self.fill_s + self.alpha * (seconds - self.fill_s)
+        # A low quantile, not the mean: a fill's duration includes waiting for a CPU or a connection, which
+        # grows with the very depth it would set (a feedback loop); the fastest fills show the latency to hide.
+        self._fills.append(seconds)
+        self.fill_s = float(np.quantile(self._fills, 0.1))
+        self._completions.add(1)
+
+    @property
+    def fill_rate(self) -> float:
+        """Fills completed per second over the last few seconds."""
+        return self._completions.rate()
 
     def consumed(self, rank: int, fields: int) -> None:
         now = time.monotonic()
@@ -267,25 +279,37 @@ class Job:
                 break
         return out
 
-    def wanted(self) -> list[int]:
-        """Fields every live rank needs next, nearest first, interleaved across ranks."""
+    def wanted(self) -> tuple[list[int], list[int]]:
+        """Fields live ranks need next, nearest first, interleaved across ranks, split in two zones:
+        `must` (`prefetch_depth()`: fetched whatever it evicts) and
+        `deep` (as far as the cache has room: fetched only into free slots, so it never lowers the hit rate)."""
         live = [r for r in self.ranks.values() if not r.detached]
         b = self.spec.batch_size
         # Windows plus every rank's leased batch must fit in the cache, or ranks could starve each other.
-        depth = max(b, min(self.prefetch_depth(), self.spec.cache_size // max(1, len(live)) - b))
+        room = self.spec.cache_size // max(1, len(live)) - b
+        must_depth = max(b, min(self.prefetch_depth(), room))
+        depth = max(must_depth, room)  # beyond must_depth: only into free slots
         windows = [self._window(r, depth) for r in live]
-        seen: dict[int, None] = {}
+        must: dict[int, None] = {}
+        deep: dict[int, None] = {}
         for d in range(depth):
+            zone = must if d < must_depth else deep
             for window in windows:
                 if d < len(window):
-                    seen.setdefault(self.substitute(window[d]), None)
-        return list(seen)
+                    f = self.substitute(window[d])
+                    if f not in must:
+                        zone.setdefault(f, None)
+        return list(must), [f for f in deep if f not in must]
 
     def prefetch_depth(self) -> int:
-        """Fields per rank to keep ahead: the batch being assembled plus max(prefetch_factor batches,
-        Little's law: fields consumed per second × seconds a fill takes, with 2× headroom for jitter)."""
+        """Fields per rank that must be ready ahead: the batch being assembled plus the larger of
+        prefetch_factor batches and Little's law (fields needed per second × seconds a fill takes, 1.5×
+        headroom). The rate is what the rank consumes, capped by what the fills can deliver, so a consumer
+        faster than the daemon cannot inflate the depth."""
         b = self.spec.batch_size
-        in_flight = math.ceil(2.0 * self.pace.rate_per_rank * self.pace.fill_s)
+        live = max(1, sum(not r.detached for r in self.ranks.values()))
+        rate = min(self.pace.rate_per_rank, self.pace.fill_rate / live)
+        in_flight = math.ceil(1.5 * rate * self.pace.fill_s)
         return b + max(self.spec.prefetch_factor * b, in_flight)
 
     def next_use(self, f: int) -> float:
@@ -377,7 +401,7 @@ class Job:
         missing = [f for f in mapped if not self.cache.is_ready(f)]
         if not missing:
             return True
-        protected = set(self.wanted()) | set(mapped)
+        protected = set(self.wanted()[0]) | set(mapped)
         for f in missing:
             if f in self.filling:
                 continue
@@ -399,17 +423,18 @@ class Job:
             await self._wake.wait()
 
     def _plan(self) -> None:
-        wanted = self.wanted()
-        protected = set(wanted)
-        for f in wanted:
-            if len(self.filling) >= self.max_fills:
-                return
-            if self.cache.lookup(f) is not None:
-                continue
-            slot = self.cache.take_slot(protected, self._next_use_fn())
-            if slot is None:
-                return
-            self._start_fill(f, slot)
+        must, deep = self.wanted()
+        protected = set(must)
+        for zone, fields in (("must", must), ("deep", deep)):
+            for f in fields:
+                if len(self.filling) >= self.max_fills:
+                    return
+                if self.cache.lookup(f) is not None:
+                    continue
+                slot = self.cache.take_slot(protected, self._next_use_fn(), free_only=zone == "deep")
+                if slot is None:
+                    break
+                self._start_fill(f, slot)
 
     def _start_fill(self, f: int, slot: int, blobs: list[bytes] | None = None) -> asyncio.Future:
         self.cache.begin_fill(f, slot)
@@ -495,6 +520,7 @@ class Job:
             "hit_rate": st.cache_hits / served if served else 0.0,
             "hit_rate_bound": min(1.0, s.cache_size / self.n_fields) if self.n_fields else 0.0,
             "fields_fetched": st.fields_fetched,
+            "evicted_unused": self.cache.evicted_unused if self.cache else 0,
             "stall_s": st.stall_s,
             "epochs": {e: {"served": v.served, "hits": v.hits, "misses": v.misses,
                            "hit_rate": v.hits / v.served if v.served else 0.0}

@@ -29,6 +29,8 @@ def boto_config(s3: dict[str, Any], *, max_pool: int | None = None) -> BotoConfi
         retries={"mode": "standard", "total_max_attempts": int(s3.get("retries", 5)) + 1},
         max_pool_connections=max_pool or int(s3.get("max_concurrency", 32)),
         s3={"addressing_style": "path"} if resolve_endpoint(s3.get("endpoint_url")) else {},
+        # The fetcher checks every body against its MD5 ETag already; a second (CRC) pass costs CPU only.
+        response_checksum_validation="when_required",
     )
 
 
