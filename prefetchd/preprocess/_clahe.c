@@ -421,7 +421,6 @@ EXPORT NOCONTRACT int prefetchd_clahe_luts_u16(const uint16_t *src, ptrdiff_t st
         if (span > maxspan) maxspan = span;
         if (hi[t] - s + 1 > maxlen) maxlen = hi[t] - s + 1;
     }
-    const int nsub = maxspan <= SUB_SPAN ? 4 : 1;
     int32_t *hist = (int32_t *)malloc(sizeof(int32_t) * ((size_t)4 * maxspan + (size_t)maxlen));
     if (!hist) return -1;
     int32_t *acc = hist + (size_t)4 * maxspan;
