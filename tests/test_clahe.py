@@ -146,3 +146,136 @@ def test_properties(spec, grid, bins, clip):
         assert np.array_equal(ours, cv_clahe(img, clip, grid))
     if kind in ("constant", "zero", "saturated"):
         assert len(np.unique(ours)) <= 4 * grid * grid   # one value per tile mix, never noise
+
+
+# ------------------------------------------------------------------ compatible mode (bins=65536): restricted tables
+# The native kernel builds each tile's table only over the values its interpolation reads (closed-form cdf
+# outside the tile's own values); these compare it with OpenCV over value ranges, layouts and geometries.
+
+def _cv_exact(img, clip, grid):
+    ref = cv_clahe(img, clip, grid)
+    ours = C.clahe(img, clip, grid, 65536)
+    assert np.array_equal(ours, ref)
+    for threads in (2, 3):
+        assert np.array_equal(C.clahe(img, clip, grid, 65536, threads=threads), ref)
+    return ours
+
+
+@pytest.mark.parametrize("lo, hi", [(1000, 1010), (1000, 1000), (0, 65535), (0, 8191), (65500, 65535), (0, 1),
+                                    (30000, 30300)])
+@pytest.mark.parametrize("grid", [8, (5, 3), 1])
+@pytest.mark.parametrize("clip", [3.0, 0.5, 40.0])
+def test_compatible_value_ranges(lo, hi, grid, clip):
+    rng = np.random.default_rng(lo * 7 + hi)
+    img = rng.integers(lo, hi + 1, (203, 157)).astype(np.uint16)
+    _cv_exact(img, clip, grid)
+
+
+@pytest.mark.parametrize("grid", [8, 2, 1, (3, 5)])
+@pytest.mark.parametrize("clip", [3.0, 40.0, 200.0])
+def test_compatible_large_tiles_redistribute(grid, clip):
+    """Large tiles over narrow ranges: clip > 1 and excess >= 65536 (batch > 0) with a residual step."""
+    rng = np.random.default_rng(5)
+    img = (rng.integers(0, 40, (720, 600)) + 3000).astype(np.uint16)
+    img[::7, ::3] = 3000          # a heavy bin
+    img[100:200, 100:300] = 3100  # a flat block
+    _cv_exact(img, clip, grid)
+
+
+def test_compatible_neighbour_ranges_differ():
+    """Tiles read at values outside their own [min, max]: neighbours hold far lower or higher values."""
+    rng = np.random.default_rng(9)
+    img = np.empty((400, 400), np.uint16)
+    img[:, :200] = rng.integers(100, 130, (400, 200))
+    img[:, 200:] = rng.integers(60000, 60010, (400, 200))
+    img[150:250, 150:250] = 30000
+    img[0, 0], img[-1, -1] = 0, 65535
+    for grid in (8, 3, (7, 2)):
+        for clip in (3.0, 0.1, 40.0):
+            _cv_exact(img, clip, grid)
+            _cv_exact(np.ascontiguousarray(img[:, ::-1]), clip, grid)
+            _cv_exact(np.ascontiguousarray(img.T), clip, grid)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 3), (7, 64), (64, 7), (135, 136), (17, 300)])
+@pytest.mark.parametrize("grid", [8, 16, (9, 2)])
+def test_compatible_tiles_mostly_padding(shape, grid):
+    """Sizes where whole tiles are padding (never read) or read only by neighbouring tiles' pixels."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for img in (rng.integers(0, 65536, shape), rng.integers(500, 520, shape), np.arange(np.prod(shape)).reshape(shape) * 37 % 9000):
+        _cv_exact(img.astype(np.uint16), 3.0, grid)
+
+
+def test_compatible_constant_and_saturated():
+    for v in (0, 1, 1000, 32768, 65534, 65535):
+        for shape, grid in [((64, 64), 8), ((37, 53), 8), ((300, 200), 2), ((5, 3), 4)]:
+            _cv_exact(np.full(shape, v, np.uint16), 3.0, grid)
+
+
+def test_compatible_strided_input_and_output(cell):
+    view = cell[1:300:2, 3:350]           # non-contiguous rows and an odd offset
+    ref = cv_clahe(np.ascontiguousarray(view))
+    assert np.array_equal(C.clahe(view, 3.0, 8, 65536), ref)
+    big = np.zeros((view.shape[0], view.shape[1] + 10), np.uint16)
+    out = big[:, 5:5 + view.shape[1]]
+    C.clahe(view, 3.0, 8, 65536, out=out, threads=2)
+    assert np.array_equal(out, ref)
+    assert not big[:, :5].any() and not big[:, 5 + view.shape[1]:].any()
+
+
+def test_compatible_full_size_threads_and_ranges():
+    rng = np.random.default_rng(21)
+    for img in (cell_like_channel(1080), rng.integers(0, 65536, (1080, 1080)).astype(np.uint16),
+                rng.integers(0, 8000, (1080, 1080)).astype(np.uint16)):
+        ref = cv_clahe(img)
+        for threads in (1, 2, 7):
+            assert np.array_equal(C.clahe(img, 3.0, 8, 65536, threads=threads), ref)
+
+
+def test_compatible_render_channel():
+    """Every stain of a synthetic field (prefetchd.synth.render_channel), odd size."""
+    from prefetchd import synth
+
+    spec = synth.demo_spec(fields=8, size=301, seed=4)
+    plate = spec.plates[0]
+    well = spec.wells[0] if getattr(spec, "wells", None) else "A01"
+    for channel in tuple(getattr(spec, "channels", ()) or (5,)):
+        img = synth.render_channel(spec, plate, well, 1, channel)
+        assert img.dtype == np.uint16
+        for grid, clip in ((8, 3.0), (5, 40.0)):
+            _cv_exact(np.ascontiguousarray(img[:, :277]), clip, grid)
+
+
+value_ranges = st.one_of(
+    st.tuples(st.integers(0, 65535), st.integers(0, 10)),          # narrow, e.g. [1000, 1010]
+    st.tuples(st.integers(0, 65535), st.just(0)),                  # a single value
+    st.tuples(st.integers(0, 8191), st.integers(0, 8191)),         # ~13 bits, like real data
+    st.tuples(st.just(0), st.just(65535)),                         # the full range
+    st.tuples(st.integers(0, 65535), st.integers(0, 65535)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 90), st.integers(1, 90), value_ranges, st.sampled_from(["uniform", "blocks", "sparse", "ramp"]),
+       st.tuples(st.integers(1, 9), st.integers(1, 9)), st.sampled_from([0.01, 0.5, 1.0, 3.0, 10.0, 40.0, 1000.0]),
+       st.integers(0, 2**32 - 1))
+def test_compatible_properties_over_value_ranges(h, w, vr, kind, grid, clip, seed):
+    lo, width = vr
+    hi = min(65535, lo + width)
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        img = rng.integers(lo, hi + 1, (h, w))
+    elif kind == "blocks":        # tiles with different ranges, so neighbours are read outside their own
+        img = np.full((h, w), lo)
+        ys, xs = rng.integers(0, h, 3), rng.integers(0, w, 3)
+        for y, x in zip(ys, xs):
+            img[y: y + h // 3 + 1, x: x + w // 3 + 1] = rng.integers(lo, hi + 1)
+    elif kind == "sparse":        # a flat background with a few outliers at the range ends
+        img = np.full((h, w), lo)
+        img.ravel()[rng.integers(0, h * w, max(1, h * w // 50))] = hi
+    else:
+        img = lo + (np.arange(h * w).reshape(h, w) * 131) % (hi - lo + 1)
+    img = img.astype(np.uint16)
+    ref = cv_clahe(img, clip, grid)
+    assert np.array_equal(C.clahe(img, clip, grid, 65536), ref)
+    assert np.array_equal(C.clahe(img, clip, grid, 65536, threads=3), ref)
