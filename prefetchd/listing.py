@@ -22,6 +22,7 @@ from urllib.parse import unquote_plus
 
 from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import DatasetError, StorageError
+from prefetchd.layout import barcode_of
 from prefetchd.s3 import make_s3_client
 
 Sink = Callable[[str, int, "str | None"], None]
@@ -107,12 +108,36 @@ def list_root(spec: DatasetSpec) -> str:
     return f"{spec.prefix}/" if spec.prefix else ""
 
 
+_IMAGE_IN_BATCH = re.compile(r"^(?P<batch_root>(?:.*/)?)images/(?P<plate>[^/]+)/Images/[^/]+$")
+
+
+class _IllumOutsidePrefix:
+    """Remembers the plates of image keys whose batch's `illum/` folder lies outside the listed prefix
+    (a prefix pointing at one plate or its Images/ folder), so their illum files can be listed too."""
+
+    def __init__(self, sink: Sink, root: str):
+        self.sink = sink
+        self.root = root
+        self.folders: set[str] = set()
+
+    def __call__(self, key: str, size: int, etag: str | None) -> None:
+        self.sink(key, size, etag)
+        match = _IMAGE_IN_BATCH.match(key)
+        if match and not (match["batch_root"] + "illum/").startswith(self.root):
+            self.folders.add(f"{match['batch_root']}illum/{barcode_of(match['plate'])}/")
+
+
 async def list_s3(spec: DatasetSpec, s3cfg: dict, sink: Sink, progress: Progress | None = None) -> int:
     """LIST everything under the dataset prefix; returns the number of keys seen."""
     concurrency = int(s3cfg.get("list_concurrency", 16))
+    root = list_root(spec)
+    recorder = _IllumOutsidePrefix(sink, root)
     async with make_s3_client(s3cfg, max_pool=concurrency) as client:
-        walker = PrefixWalker(client, spec.bucket, sink, concurrency, progress)
-        await walker.run(list_root(spec))
+        walker = PrefixWalker(client, spec.bucket, recorder, concurrency, progress)
+        await walker.run(root)
+        illum = PrefixWalker(client, spec.bucket, sink, concurrency, None)
+        for folder in sorted(recorder.folders):
+            await illum._list(folder, delimiter=None)
     return walker.keys
 
 

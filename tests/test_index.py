@@ -126,6 +126,15 @@ async def test_incomplete_unparsed_and_illum(bucket, s3cfg, tmp_path):
     assert plates == {P1: f"{B1}/BR00116991", P1B: f"{B2}/BR00116991", P2: None}
 
 
+@pytest.mark.parametrize("below", [f"/{B1}/images/{P1}", f"/{B1}/images/{P1}/Images"])
+async def test_a_prefix_below_the_batch_still_finds_the_plates_illum(bucket, s3cfg, tmp_path, below):
+    spec = parse_dataset(f"JUMPS3MultiView:bucket={bucket}:prefix={PREFIX}{below}")
+    index = await build_index(spec, s3cfg, tmp_path)
+    assert {f.plate for f in index.fields} == {P1}
+    assert {f.illum_plate for f in index.fields} == {f"{B1}/BR00116991"}
+    assert index.illum[f"{B1}/BR00116991"][0] == illum_key(B1, "BR00116991", "DNA")
+
+
 async def test_brightfield_only_when_asked_and_cache_shared(bucket, s3cfg, tmp_path):
     default = await build_index(spec_for(bucket), s3cfg, tmp_path)
     assert not any("-ch6" in k or "-ch7" in k or "-ch8" in k for f in default.fields for k in f.keys)
