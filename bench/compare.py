@@ -359,7 +359,7 @@ def run_prefetchd(job: dict) -> dict:
     overrides += job.get("overrides", [])
     dataset = f"JUMPS3MultiView:bucket={job['bucket']}:prefix={job['prefix']}"
     opts = dict(prefetchd_options(job["system"]), cache_size=job["cache_size"], prefetch_factor=2,
-                policy=job.get("policy", "lru"))
+                policy=job.get("policy"))  # None: the daemon's default
     out: dict[str, Any] = {"system": job["system"], "epochs": [], "options": opts}
     me = os.getpid()
     log = work / f"daemon-{job['system']}-{job['regime']}.log"
@@ -597,6 +597,7 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
                "endpoint": ctx["proxy"].endpoint_url, "proxy_stats": ctx["proxy"].stats_port,
                "batch_size": plan.batch_size, "epochs": epochs or plan.epochs, "seed": 0, "cache_size": cache,
                "workdir": str(ctx["work"]), "demand": demand, "profile": False,
+               "overrides": [f"s3.verify_md5={ctx['verify_md5']}"],
                "warm": demand is None and not (extra or {}).get("profile")}
         job.update(extra or {})
         s0, p0 = proc_cpu(ctx["server"].proc.pid), proc_cpu(ctx["proxy"].pid)
@@ -635,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--systems", default=None, help="comma list out of " + ",".join(SYSTEMS))
     ap.add_argument("--no-small", action="store_true")
+    ap.add_argument("--verify-md5", default="false", choices=("auto", "true", "false"),
+                    help="prefetchd's s3.verify_md5 (default false: the real bucket is https, where TLS already "
+                         "authenticates the bytes and the daemon's `auto` skips MD5; this loopback server is http)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="add a py-spy run of the daemon (default in full mode)")
     ap.add_argument("--data-dir", default=os.environ.get("BENCH_DATA_DIR", str(Path(tempfile.gettempdir()) / "prefetchd-bench-data")))
@@ -670,7 +674,8 @@ def run_all(plan: Plan, a) -> int:
     data_root = Path(a.data_dir)
     data_root.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan), "machine": machine_info(),
-                               "command": " ".join(["python -m bench.compare", *sys.argv[1:]]), "runs": {}}
+                               "command": " ".join(["python -m bench.compare", *sys.argv[1:]]), "runs": {},
+                               "verify_md5": getattr(a, "verify_md5", "false")}
     t0 = time.perf_counter()
     data = {"full": ensure_plates(data_root, plan.fields, plan.size)}
     if plan.small_variant:
@@ -693,7 +698,7 @@ def run_all(plan: Plan, a) -> int:
             with LatencyProxy(server.endpoint_url, plan.latency_ms, plan.conn_mbps, plan.total_mbps) as proxy:
                 log(f"proxy: {proxy.endpoint_url} latency {plan.latency_ms:g} ms, per-connection "
                     f"{plan.conn_mbps or '∞'} MB/s, total {plan.total_mbps or '∞'} MB/s")
-                ctx = {"data": data, "server": server, "proxy": proxy, "work": work}
+                ctx = {"data": data, "server": server, "proxy": proxy, "work": work, "verify_md5": getattr(a, "verify_md5", "false")}
                 runs = results["runs"]
                 for regime in plan.regimes:
                     runs[regime] = run_regime(regime, plan, ctx, plan.systems, log=log)

@@ -234,6 +234,9 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         "per-worker boto3 UNSIGNED client and LRU of 1,000 processed images; `baseline-u16` = IMREAD_UNCHANGED + OpenCV "
         "uint16 CLAHE (same pixels as `prefetchd-opencv`), `baseline-guide` = the guide as written (default imdecode "
         "flag → 8-bit, 8-bit CLAHE), `s3torch-u16` = s3torchconnector S3MapDataset (CRT) in the same loader.",
+        f"- prefetchd daemons run with `s3.verify_md5={results.get('verify_md5', 'false')}`: against the real bucket (https) the "
+        "default `auto` skips the MD5 check because TLS already authenticates every byte; this loopback server is plain "
+        "http, where `auto` would check (its cost is the `MD5 verify` column of the CPU split when on).\n"
         "- `prefetchd-opencv`: illum off, rescale off, CLAHE bins 65536 (OpenCV uint16 behaviour, like for like). "
         "`prefetchd`: defaults (illum, rescale 0.1/99.9, 256-bin CLAHE, 16-bit output).",
         "- GETs and MB are counted by the proxy (neutral); CPU is user+sys of each system's whole process tree "

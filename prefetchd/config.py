@@ -20,6 +20,7 @@ from prefetchd.errors import ConfigError
 _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "defaults.policy": ("lru", "belady"),
+    "s3.verify_md5": ("auto", True, False),
 }
 
 
@@ -63,8 +64,11 @@ def _is_free_form(path: str) -> bool:
 
 
 def _check_type(path: str, value: Any, ref: Any) -> Any:
-    if path in _CHOICES and value not in _CHOICES[path]:
-        raise ConfigError(f"{path} must be one of {', '.join(_CHOICES[path])}, got {value!r}")
+    if path in _CHOICES:
+        if not isinstance(value, (bool, str)) or value not in _CHOICES[path]:
+            accepted = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in _CHOICES[path])
+            raise ConfigError(f"{path} must be one of {accepted}, got {value!r}")
+        return value
     if ref is None or value is None or _is_free_form(path):
         return value
     if isinstance(ref, bool):

@@ -349,12 +349,19 @@ class Server:
         return {"shm_mode": 0o640 if group else 0o600, "shm_gid": gid,
                 "shm_budget": int(self.config.get("shm.budget_bytes"))}
 
+    def _verify_md5(self) -> bool:
+        setting = self.config.get("s3.verify_md5")
+        if setting == "auto":  # TLS authenticates the bytes already; plain http (a local mirror) does not
+            endpoint = resolve_endpoint(self.config.get("s3.endpoint_url"))
+            return bool(endpoint) and endpoint.startswith("http://")
+        return bool(setting)
+
     def _store_for(self, spec: DatasetSpec) -> ObjectStore:
         if spec.is_local:
             return LocalStore(spec.root, self.semaphore, self.counters)
         store: ObjectStore = S3Store(self.s3client, spec.bucket, self.semaphore, self.counters,
                                      retries=int(self.config.get("s3.retries")),
-                                     verify_md5=bool(self.config.get("s3.verify_md5")))
+                                     verify_md5=self._verify_md5())
         tier = self.config.tree["disk_cache"]
         if tier["dir"] and tier["max_bytes"]:
             namespace = f"{resolve_endpoint(self.config.get('s3.endpoint_url')) or 'aws'}/{spec.bucket}"

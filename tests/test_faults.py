@@ -18,7 +18,8 @@ from prefetchd.control import request
 from faultproxy import FaultProxy
 
 RAW = {"illum": False, "clahe": False, "rescale": False}
-FAST = ("s3.read_timeout_s=1", "s3.connect_timeout_s=1", "s3.retries=3")
+# Read timeout well under the injected 5 s stall, but not so short that a loaded CI machine trips it.
+FAST = ("s3.read_timeout_s=2.5", "s3.connect_timeout_s=2", "s3.retries=3")
 
 
 @pytest.fixture
