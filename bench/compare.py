@@ -465,7 +465,7 @@ def spawn_run(job: dict, timeout: float) -> dict:
     return out
 
 
-def stage_costs_prefetchd(manifest, root: Path, opts: dict, repeat: int = 3) -> dict:
+def stage_costs_prefetchd(manifest, root: Path, opts: dict, repeat: int = 3, md5: bool = True) -> dict:
     """Thread-CPU ms per field of the daemon's decode-side stages, run in this process on one field:
     TIFF decode ×C, illum ×C, rescale ×C, CLAHE ×C (with `opts`), copy into a slot."""
     from prefetchd.decode import decode_tiff
@@ -481,7 +481,7 @@ def stage_costs_prefetchd(manifest, root: Path, opts: dict, repeat: int = 3) -> 
     for _ in range(repeat):
         t = {"md5": 0.0, "decode": 0.0, "illum": 0.0, "rescale": 0.0, "clahe": 0.0, "copy": 0.0}
         t0 = time.thread_time()
-        for b in blobs:  # S3Store verifies every body against its MD5 ETag (fetch.py _check_md5)
+        for b in blobs if md5 else ():  # S3Store checks bodies against their MD5 ETag when s3.verify_md5 is on
             hashlib.md5(b).hexdigest()
         t["md5"] = time.thread_time() - t0
         slot = np.empty((len(blobs), *decode_tiff(blobs[0]).shape), np.uint16)
@@ -735,8 +735,9 @@ def run_all(plan: Plan, a) -> int:
                 if prof and Path(prof).exists():
                     shutil.copy(prof, data_root / "pyspy-daemon-raw.txt")
                 # prefetchd's decode-side stage costs, measured in-process on one field of the dataset
+                md5_on = getattr(a, "verify_md5", "false") in ("true", "auto")  # auto: on over this http server
                 results["stage_ms"] = {s: stage_costs_prefetchd(data["full"][1], data["full"][1].root, prefetchd_options(s) or
-                                                                {"illum": True})
+                                                                {"illum": True}, md5=md5_on)
                                        for s in ("prefetchd-opencv", "prefetchd") if s in plan.systems}
     results["total_s"] = time.perf_counter() - t_start
     if a.json:
