@@ -3,7 +3,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 DEFAULT_LOCAL_DIR="demo-data/cpg0000-jump-pilot/source_4/images"
 
 usage() {

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
-from prefetchd.errors import DaemonNotRunning
+from prefetchd.errors import DaemonNotRunning, PrefetchdError
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -46,8 +46,10 @@ class Stream:
     """One rank's connection to one job. Iterate `epoch(e)`; `close()` when done."""
 
     def __init__(self, conn: ControlConnection, reply: dict[str, Any], batch_size: int, rank: int, world_size: int,
-                 attach_request: dict[str, Any] | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S):
+                 attach_request: dict[str, Any] | None = None, reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+                 timeout: float | None = None):
         self._conn = conn
+        self._timeout = timeout
         self._attach_request = attach_request
         self.reconnect_timeout_s = reconnect_timeout_s
         self.reconnects = 0
@@ -76,8 +78,9 @@ class Stream:
     def next(self, epoch: int, index: int) -> Batch:
         try:
             reply = self._conn.request("next", epoch=epoch, batch=index)
-        except DaemonNotRunning:
-            if self._attach_request is None or self.reconnect_timeout_s <= 0:
+        except PrefetchdError as exc:
+            daemon_went_away = isinstance(exc, DaemonNotRunning) or exc.code == "stopping"
+            if not daemon_went_away or self._attach_request is None or self.reconnect_timeout_s <= 0:
                 raise
             self._reattach()
             reply = self._conn.request("next", epoch=epoch, batch=index)
@@ -100,10 +103,16 @@ class Stream:
                     socket_path, self.reconnect_timeout_s)
         while True:
             try:
-                conn = ControlConnection(socket_path)
-                reply = conn.request("attach", **self._attach_request)
+                conn = ControlConnection(socket_path, timeout=self._timeout)
+                try:
+                    reply = conn.request("attach", **self._attach_request)
+                except BaseException:
+                    conn.close()
+                    raise
                 break
-            except DaemonNotRunning:
+            except PrefetchdError as exc:
+                if not (isinstance(exc, DaemonNotRunning) or exc.code in ("stopping", "index_building")):
+                    raise
                 if time.monotonic() > deadline:
                     raise DaemonNotRunning(
                         f"the prefetchd daemon at {socket_path} did not come back within "
@@ -173,7 +182,7 @@ def attach(
     except BaseException:
         conn.close()
         raise
-    return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s)
+    return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 
 
 def default_job_id(dataset: str, batch_size: int, seed: int, world_size: int, options: dict) -> str:

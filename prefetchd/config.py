@@ -128,7 +128,7 @@ class Config:
 
     @property
     def socket_path(self) -> Path:
-        return resolve_socket(self.tree.get("socket"))
+        return resolve_socket(self.tree.get("socket"), serving=True)
 
     @property
     def cache_dir(self) -> Path:
@@ -148,8 +148,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "prefetchd"
 
 
-def resolve_socket(explicit: str | os.PathLike | None = None) -> Path:
-    """--socket, else $PREFETCHD_SOCKET, else $RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR."""
+SERVICE_SOCKET = Path("/run/prefetchd/prefetchd.sock")
+
+
+def resolve_socket(explicit: str | os.PathLike | None = None, *, serving: bool = False) -> Path:
+    """--socket, else $PREFETCHD_SOCKET, else $RUNTIME_DIRECTORY (inside the systemd service), else the
+    per-user $XDG_RUNTIME_DIR/prefetchd/prefetchd.sock, falling back to the service's socket."""
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get("PREFETCHD_SOCKET"):
@@ -157,4 +161,7 @@ def resolve_socket(explicit: str | os.PathLike | None = None) -> Path:
     if os.environ.get("RUNTIME_DIRECTORY"):
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "prefetchd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/prefetchd-{os.getuid()}"
-    return Path(runtime) / "prefetchd" / "prefetchd.sock"
+    personal = Path(runtime) / "prefetchd" / "prefetchd.sock"
+    if not serving and not personal.exists() and SERVICE_SOCKET.exists():
+        return SERVICE_SOCKET  # the node's systemd service, when this user runs no daemon of their own
+    return personal

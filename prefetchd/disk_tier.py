@@ -61,16 +61,24 @@ class DiskTier:
             self._forget(path)  # vanished or damaged on disk: fetch it again
         self.misses += 1
         data = await self.inner.get(key, expected_size, expected_etag)
-        if len(data) <= self.max_bytes:
-            await asyncio.to_thread(self._store, path, data)
+        if len(data) <= self.max_bytes and path not in self._entries:
+            # Bookkeeping stays on the event loop; only the file system work goes to a thread.
+            victims = []
+            while self.used_bytes + len(data) > self.max_bytes and self._entries:
+                victim, size = self._entries.popitem(last=False)
+                self.used_bytes -= size
+                victims.append(victim)
+            self._entries[path] = len(data)
+            self.used_bytes += len(data)
+            if not await asyncio.to_thread(self._write, path, data, victims):
+                self._forget(path)
         return data
 
-    def _store(self, path: Path, data: bytes) -> None:
-        while self.used_bytes + len(data) > self.max_bytes and self._entries:
-            victim, _ = next(iter(self._entries.items()))
-            self._forget(victim)
+    def _write(self, path: Path, data: bytes, victims: list[Path]) -> bool:
+        for victim in victims:
+            victim.unlink(missing_ok=True)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(data)}.tmp")
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -78,9 +86,8 @@ class DiskTier:
             tmp.unlink(missing_ok=True)
             log.warning("disk cache %s: cannot store an object (%s); serving from the network", self.directory,
                         exc.strerror)
-            return
-        self._entries[path] = len(data)
-        self.used_bytes += len(data)
+            return False
+        return True
 
     def _forget(self, path: Path) -> None:
         size = self._entries.pop(path, 0)

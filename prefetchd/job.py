@@ -211,7 +211,7 @@ class Job:
 
     def disconnect_rank(self, rank: int, *, detach: bool = False) -> None:
         state = self.ranks.get(rank)
-        if state is None:
+        if state is None or self.closed:
             return
         self._release(state)
         state.connected = False
@@ -225,6 +225,9 @@ class Job:
         return bool(self.ranks) and all(r.detached for r in self.ranks.values())
 
     def _release(self, state: RankState) -> None:
+        if self.closed or self.cache is None:
+            state.leased = []
+            return
         for slot in state.leased:
             self.cache.release(slot)
         state.leased = []
@@ -419,7 +422,10 @@ class Job:
     async def _prefetch_loop(self) -> None:
         while not self.closed:
             self._wake.clear()
-            self._plan()
+            try:
+                self._plan()
+            except Exception:  # keep prefetching for the other fields; next() still fills on demand
+                log.exception("prefetch planning failed for job %s", self.spec.job)
             await self._wake.wait()
 
     def _plan(self) -> None:
@@ -464,10 +470,15 @@ class Job:
                     self.stats.fields_fetched += 1
                     future.set_result(True)
                     return
-                except CorruptObjectError as exc:
-                    error = str(exc)
+                except Exception as exc:  # corrupt object, storage error, or a bug in preprocessing
+                    error = str(exc) if isinstance(exc, PrefetchdError) else f"{type(exc).__name__}: {exc}"
                     blobs = None
-                    log.warning("field %s attempt %d/%d failed: %s", field_.id, attempt + 1, FILL_ATTEMPTS, exc)
+                    if not isinstance(exc, PrefetchdError):
+                        log.exception("field %s attempt %d/%d failed", field_.id, attempt + 1, FILL_ATTEMPTS)
+                    else:
+                        log.warning("field %s attempt %d/%d failed: %s", field_.id, attempt + 1, FILL_ATTEMPTS, exc)
+            # Whatever the cause, a field that keeps failing is quarantined: waiters move on to its
+            # substitute instead of the fill being retried forever.
             self.cache.abort_fill(slot)
             self._quarantine(f, error)
             future.set_result(False)
@@ -475,12 +486,6 @@ class Job:
             if not future.done():
                 future.cancel()
             raise
-        except Exception as exc:  # a bug or the store going away: never leave a waiter hanging
-            log.exception("filling field %s failed", field_.id)
-            if self.cache is not None and self.arena is not None:
-                self.cache.abort_fill(slot)
-            if not future.done():
-                future.set_exception(exc)
         finally:
             self.filling.pop(f, None)
             self._changed.set()

@@ -35,7 +35,7 @@ from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.options import resolve_options
 from prefetchd.protocol import MAX_LINE, decode_request, encode
 from prefetchd.s3 import make_s3_client, resolve_endpoint
-from prefetchd.shm.arena import reap_stale_segments
+from prefetchd.shm.arena import SlotState, reap_stale_segments
 
 log = logging.getLogger("prefetchd")
 
@@ -154,6 +154,8 @@ class Server:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        for job in list(self.jobs.values()):  # registered while the first jobs were closing
+            await self._close_job(job)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -277,6 +279,8 @@ class Server:
     async def op_attach(self, conn: Connection, dataset: str, batch_size: int, seed: int = 0, rank: int = 0,
                         world_size: int = 1, local_world_size: int = 1, job: str | None = None,
                         options: dict | None = None) -> dict:
+        if self.should_exit.is_set():
+            raise PrefetchdError("the daemon is shutting down; attach again once it is back", code="stopping")
         if conn.job is not None:
             raise ProtocolError("this connection is already attached; open a new connection per rank")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or local_world_size < 1:
@@ -365,7 +369,9 @@ class Server:
         tier = self.config.tree["disk_cache"]
         if tier["dir"] and tier["max_bytes"]:
             namespace = f"{resolve_endpoint(self.config.get('s3.endpoint_url')) or 'aws'}/{spec.bucket}"
-            store = self.disk_tiers.setdefault(namespace, DiskTier(store, tier["dir"], tier["max_bytes"], namespace))
+            if namespace not in self.disk_tiers:
+                self.disk_tiers[namespace] = DiskTier(store, tier["dir"], tier["max_bytes"], namespace)
+            store = self.disk_tiers[namespace]
         return store
 
     async def op_next(self, conn: Connection, epoch: int, batch: int) -> dict:
@@ -419,7 +425,7 @@ class Server:
             for key in totals:
                 totals[key] += j[key]
         served = totals["fields_served"]
-        slots: dict[str, int] = {}
+        slots: dict[str, int] = {state.name: 0 for state in SlotState}
         for j in jobs:
             for state, count in j["slots"].items():
                 slots[state] = slots.get(state, 0) + count
