@@ -15,6 +15,7 @@ from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request
 
+from conftest import wait_until
 from faultproxy import FaultProxy
 
 RAW = {"illum": False, "clahe": False, "rescale": False}
@@ -97,3 +98,37 @@ def test_corrupt_bytes_without_s3_checksums_are_never_delivered(daemon, syntheti
     d = daemon(*FAST, endpoint_url=proxy.url)
     proxy.add_rule("corrupt", match="r01c02f01p01-ch5", strip_checksums=True)
     read_epoch(synthetic, d, "corrupt-nochecksum")
+
+
+def test_a_rank_waiting_in_next_during_a_restart_gets_exactly_its_batch(daemon, synthetic, proxy, s3):
+    import threading
+
+    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.schedule import schedule
+
+    d = daemon("s3.read_timeout_s=60", endpoint_url=proxy.url)
+    stream = attach(synthetic.dataset, batch_size=4, socket=d.socket, job="restart", cache_size=12,
+                    prefetch_factor=1, reconnect_timeout_s=60, **RAW)
+    second = None
+    try:
+        first = stream.next(0, 0)
+        proxy.add_rule("stall", stall_s=120)  # every GET from now on hangs: the next batch cannot be ready
+        result: dict = {}
+        waiter = threading.Thread(target=lambda: result.update(batch=stream.next(0, 2)), daemon=True)
+        waiter.start()
+        wait_until(lambda: request("status", d.socket)["inflight_requests"] > 0, 30, "a GET to hang")
+        d.stop()  # SIGTERM while the rank waits inside next()
+        proxy.clear()
+        second = DaemonProcess(d.socket, [f"s3.endpoint_url={proxy.url}", f"cache_dir={d.workdir / 'cache2'}"],
+                               log_path=d.workdir / "second.log").start()
+        waiter.join(timeout=90)
+        assert not waiter.is_alive() and "batch" in result
+        ids = sorted(f.id for f in synthetic.manifest.fields)
+        expected = [ids[i] for i in schedule(len(ids), 0, 0, 0, 1, 4)]
+        assert first.ids == expected[0:4] and result["batch"].ids == expected[8:12]
+        check_pixels(synthetic, result["batch"])
+        assert stream.reconnects == 1
+    finally:
+        stream.close()
+        if second is not None:
+            assert second.stop() == 0
