@@ -21,6 +21,7 @@ _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "defaults.policy": ("lru", "belady"),
     "s3.verify_md5": ("auto", True, False),
+    "s3.retry_mode": ("adaptive", "standard", "legacy"),
 }
 
 
