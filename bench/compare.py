@@ -613,6 +613,7 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
             log(f"  {name:5s} {system:17s} FAILED: {run['error']}")
         else:
             log(f"  {name:5s} {system:17s} {fps(run):6.2f} fields/s  stall {np.mean([e['stall_share'] for e in run['epochs']]):5.1%}"
+                f" (after 1st batch {np.mean([e.get('steady_stall_share', 0.0) for e in run['epochs']]):5.1%})"
                 f"  cpu {per_field(run) * 1e3:6.0f} ms/field  hit/epoch "
                 + " ".join(f"{e['hit_rate']:.0%}" for e in run["epochs"])
                 + f"  rss {run['memory']['rss_peak'] / 2**30:.2f} GiB  other-load {run['other_cpu_s'] / run['wall_s']:.2f} cores")

@@ -35,9 +35,19 @@ class ConsumerResult:
     def stall_share(self) -> float:
         return self.stall_s / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def steady_stall_share(self) -> float:
+        """Stall share after the first batch (the cold start is reported as first_batch_s)."""
+        if len(self.timeline) < 2:
+            return 0.0
+        waited = sum(w for _, w, _ in self.timeline[1:])
+        span = self.wall_s - self.first_batch_s
+        return waited / span if span > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {"fields": self.fields, "batches": self.batches, "wall_s": self.wall_s, "stall_s": self.stall_s,
-                "stall_share": self.stall_share, "fields_per_s": self.fields_per_s,
+                "stall_share": self.stall_share, "steady_stall_share": self.steady_stall_share,
+                "fields_per_s": self.fields_per_s,
                 "first_batch_s": self.first_batch_s, "max_pixel": self.max_pixel}
 
 
