@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from bench.compare import bounds_for, fps, per_field, schedule_sequence, simulate
+from bench.compare import fps, per_field, schedule_sequence, simulate
 
 COLUMNS = ("system", "fields/s", "stall", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -159,8 +158,3 @@ class LocalStore:
             raise CorruptObjectError(f"{path}: {len(data)} bytes, expected {expected_size}")
         self.counters.add_bytes(len(data))
         return data
-
-
-@contextlib.asynccontextmanager
-async def no_client():
-    yield None

@@ -128,7 +128,6 @@ class Job:
         self.pace = Pace()
         self.quarantined: dict[int, str] = {}
         self.filling: dict[int, asyncio.Future] = {}
-        self.created = time.monotonic()
         self.idle_since: float | None = None
         self._schedules: dict[tuple[int, int], np.ndarray] = {}
         self._positions: dict[tuple[int, int], dict[int, int]] = {}

@@ -106,7 +106,7 @@ def build_optimizer(cfg: dict, model: SSLMetaArch) -> torch.optim.Optimizer:
 
 def do_train(cfg: dict, run_dir: Path, state: dict | None, args) -> Path:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    rank = distributed.get_rank()
     torch.manual_seed(cfg["train"]["seed"])  # same initial weights on every rank
     model = SSLMetaArch(cfg, device)
     optimizer = build_optimizer(cfg, model)
