@@ -82,7 +82,9 @@ class S3Server:
                    f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}",
                    f"-volume.port.grpc={p[3]}", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
                    "-master.volumeSizeLimitMB=1024", "-volume.max=0",
-                   "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p[6]}"]
+                   "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p[6]}",
+                   # off: fixed default ports (8181, 9101) would stop a second server on the machine
+                   "-s3.port.iceberg=0", "-s3.port.lance=0"]
         else:
             exe = shutil.which("rclone")
             if exe is None:

@@ -22,6 +22,8 @@ _CHOICES = {
     "defaults.policy": ("lru", "belady"),
     "s3.verify_md5": ("auto", True, False),
     "s3.retry_mode": ("adaptive", "standard", "legacy"),
+    "s3.get_concurrency": ("adaptive", "fixed"),
+    "s3.get_transport": ("auto", "botocore"),
 }
 
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from botocore.exceptions import (
 
 from prefetchd.counters import FetchCounters
 from prefetchd.errors import CorruptObjectError, StorageError
+from prefetchd.http_get import Fetched, HttpGetter
 from prefetchd.storage_errors import classify_storage_error
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ _TRANSIENT = (
     ResponseStreamingError,
 )
 _PERMANENT_CODES = {"NoSuchKey", "404", "AccessDenied", "403", "NoSuchBucket", "InvalidObjectState"}
+# S3 asking us to slow down: the concurrency limiter backs off before the retry.
+THROTTLE_CODES = {"SlowDown", "503", "429", "TooManyRequests", "Throttling", "ThrottlingException",
+                  "RequestLimitExceeded", "RequestThrottled"}
 
 
 class TruncatedBody(Exception):
@@ -58,21 +63,23 @@ def backoff_s(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
 
 
 class S3Store:
-    """GETs from one bucket through a shared aiobotocore client, at most `max_concurrency` at once.
+    """GETs from one bucket, at most as many at once as the shared limiter allows.
 
-    botocore's standard retry mode already retries throttling, 5xx and connection errors on the
-    request; this class adds retries for bodies that break or come back short, which botocore
-    cannot see.
+    With `http` (an aiohttp session; unsigned access) GETs go straight to the object URL (`http_get.py`) and
+    this class retries throttling, 5xx and broken connections itself; otherwise through the aiobotocore
+    client, whose retry mode does that on the request. Either way this class adds retries for bodies that
+    break, come back short or fail their MD5, which botocore cannot see.
     """
 
-    def __init__(self, client: Any, bucket: str, semaphore: asyncio.Semaphore, counters: FetchCounters,
-                 retries: int = 5, verify_md5: bool = True):
+    def __init__(self, client: Any, bucket: str, semaphore: Any, counters: FetchCounters,
+                 retries: int = 5, verify_md5: bool = True, http: Any = None):
         self.client = client
         self.bucket = bucket
         self.semaphore = semaphore
         self.counters = counters
         self.retries = retries
         self.verify_md5 = verify_md5
+        self.http = HttpGetter(http, client, bucket) if http is not None else None
 
     async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes:
         for attempt in range(self.retries + 1):
@@ -80,6 +87,9 @@ class S3Store:
                 return await self._get_once(key, expected_size, expected_etag)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
+                if self.http and code in THROTTLE_CODES:   # botocore's retries report theirs (server.py)
+                    self.counters.throttled += 1
+                    _limiter_call(self.semaphore, "on_throttle")
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
                     raise self._object_error(key, exc) from exc
@@ -103,20 +113,33 @@ class S3Store:
         async with self.semaphore:
             self.counters.inflight += 1
             self.counters.gets += 1
+            started = time.monotonic()
             try:
-                response = await self.client.get_object(Bucket=self.bucket, Key=key)
-                async with response["Body"] as body:
-                    data = await body.read()
+                fetched = await (self.http.get(key) if self.http else self._botocore_get(key))
             finally:
                 self.counters.inflight -= 1
-        announced = response.get("ContentLength", -1)
+        data, announced = fetched.data, fetched.content_length
         if (announced >= 0 and len(data) != announced) or (expected_size >= 0 and len(data) != expected_size):
             raise TruncatedBody(f"got {len(data)} bytes, expected {expected_size if expected_size >= 0 else announced}")
         if self.verify_md5:
             # hashlib releases the GIL on large inputs: 12.8 MB per field is ~15 ms of CPU, off the loop.
-            await asyncio.to_thread(_check_md5, data, expected_etag or response.get("ETag"))
+            await asyncio.to_thread(_check_md5, data, expected_etag or fetched.etag)
+        _limiter_call(self.semaphore, "on_success", len(data), time.monotonic() - started)
         self.counters.add_bytes(len(data))
         return data
+
+    async def _botocore_get(self, key: str) -> Fetched:
+        response = await self.client.get_object(Bucket=self.bucket, Key=key)
+        async with response["Body"] as body:
+            data = await body.read()
+        return Fetched(data, response.get("ContentLength", -1), response.get("ETag"))
+
+
+def _limiter_call(limiter: Any, method: str, *args) -> None:
+    """The shared limiter adapts to throughput and throttling; a plain semaphore (tools, tests) does not."""
+    fn = getattr(limiter, method, None)
+    if fn is not None:
+        fn(*args)
 
 
 def _check_md5(data: bytes, etag: str | None) -> None:

@@ -36,6 +36,19 @@ GAUGES = {
     "shm_bytes": ("prefetchd_shm_bytes", "Shared memory held by arenas"),
 }
 
+# status["concurrency"] key -> (metric name, help): the adaptive GET limiter (prefetchd/concurrency.py)
+CONCURRENCY_GAUGES = {
+    "limit": ("prefetchd_get_concurrency_limit", "GETs allowed in flight now (adaptive limit)"),
+    "maximum": ("prefetchd_get_concurrency_maximum", "Upper bound of the GET limit (s3.max_concurrency)"),
+    "minimum": ("prefetchd_get_concurrency_minimum", "Lower bound of the GET limit"),
+    "throughput_mb_s": ("prefetchd_get_window_mb_per_second", "GET throughput in the limiter's last window"),
+}
+CONCURRENCY_COUNTERS = {
+    "throttles": ("prefetchd_throttles", "GETs S3 answered with 503 SlowDown / 429 / throttling"),
+    "decreases": ("prefetchd_concurrency_decreases", "Multiplicative decreases of the GET limit on throttling"),
+    "increases": ("prefetchd_concurrency_increases", "Step-ups of the GET limit while throughput grew"),
+}
+
 
 class StatusCollector:
     def __init__(self, status: Callable[[], dict[str, Any]]):
@@ -54,6 +67,15 @@ class StatusCollector:
         jobs = GaugeMetricFamily("prefetchd_jobs", "Attached jobs")
         jobs.add_metric([], float(len(s.get("jobs", []))))
         yield jobs
+        c = s.get("concurrency") or {}
+        for key, (name, doc) in CONCURRENCY_GAUGES.items():
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(c.get(key, 0)))
+            yield g
+        for key, (name, doc) in CONCURRENCY_COUNTERS.items():
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(c.get(key, 0)))
+            yield counter
         slots = GaugeMetricFamily("prefetchd_slots", "Arena slots per state, all jobs", labels=["state"])
         counts = {k.lower(): v for k, v in (s.get("slots") or {}).items()}
         for state in sorted({"free", "filling", "ready", "leased"} | set(counts)):

@@ -27,7 +27,7 @@ def boto_config(s3: dict[str, Any], *, max_pool: int | None = None) -> BotoConfi
         read_timeout=float(s3.get("read_timeout_s", 30.0)),
         # Both modes retry throttling, 5xx and connection errors with jittered backoff; adaptive also rate-limits
         # the client when S3 answers 503 SlowDown and ramps back up as it recovers.
-        retries={"mode": s3.get("retry_mode", "adaptive"), "total_max_attempts": int(s3.get("retries", 5)) + 1},
+        retries={"mode": s3.get("retry_mode", "standard"), "total_max_attempts": int(s3.get("retries", 5)) + 1},
         max_pool_connections=max_pool or int(s3.get("max_concurrency", 32)),
         s3={"addressing_style": "path"} if resolve_endpoint(s3.get("endpoint_url")) else {},
         # The fetcher checks every body against its MD5 ETag already; a second (CRC) pass costs CPU only.

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefetchd import __version__
+from prefetchd.concurrency import AdaptiveConcurrency
 from prefetchd.config import Config
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import PrefetchdError, ProtocolError
 from prefetchd.disk_tier import DiskTier
-from prefetchd.fetch import LocalStore, ObjectStore, S3Store
+from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
+from prefetchd.http_get import make_http_session
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job, JobSpec
 from prefetchd.notify import sd_notify, watchdog_interval_s
@@ -50,7 +52,8 @@ class Connection:
 
 
 # Config keys a SIGHUP may change live; everything else needs a restart (the old value is kept).
-RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.retries", "security")
+RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.get_concurrency",
+              "s3.retries", "security")
 
 
 class Server:
@@ -71,8 +74,11 @@ class Server:
         self._stack = contextlib.AsyncExitStack()
         self._server: asyncio.AbstractServer | None = None
         self.s3client: Any = None
+        self.http: Any = None    # aiohttp session for unsigned GETs (http_get.py); None: all through botocore
         s3 = config.tree["s3"]
-        self.semaphore = asyncio.Semaphore(int(s3["max_concurrency"]))
+        # GETs in flight, all jobs together: adapts to throughput and backs off on 503 SlowDown.
+        self.limiter = make_limiter(s3)
+        self._retired_limiters: list[AdaptiveConcurrency] = []  # replaced by a reload; their counts still count
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(s3, config.cache_dir, float(config.get("index.wait_s")))
         self._stats_closed_jobs = {"fields_served": 0, "cache_hits": 0, "cache_misses": 0, "stall_s": 0.0}
@@ -94,6 +100,11 @@ class Server:
             log.warning("removed %d shared-memory segment(s) left by a dead daemon: %s", len(reaped), ", ".join(reaped))
         s3 = self.config.tree["s3"]
         self.s3client = await self._stack.enter_async_context(make_s3_client(s3))
+        # Throttles botocore retries on its own (signed GETs) still lower the GET limit.
+        self.s3client.meta.events.register("needs-retry.s3.GetObject", self._on_botocore_retry)
+        if s3.get("unsigned", True) and s3.get("get_transport", "auto") == "auto":
+            self.http = await self._stack.enter_async_context(
+                make_http_session(s3, max_pool=int(s3["max_concurrency"])))
         await self._bind()
         await self._start_metrics()
         endpoint = resolve_endpoint(s3.get("endpoint_url")) or "AWS S3"
@@ -201,8 +212,11 @@ class Server:
         self.config = Config(tree)
         logging.getLogger().setLevel(str(self.config.get("log_level")).upper())
         self.indexes.wait_s = float(self.config.get("index.wait_s"))
-        if int(self.config.get("s3.max_concurrency")) != int(old["s3"]["max_concurrency"]):
-            self.semaphore = asyncio.Semaphore(int(self.config.get("s3.max_concurrency")))  # new jobs
+        s3_new = self.config.tree["s3"]
+        if (int(s3_new["max_concurrency"]), s3_new.get("get_concurrency")) != \
+                (int(old["s3"]["max_concurrency"]), old["s3"].get("get_concurrency")):
+            self._retired_limiters.append(self.limiter)  # attached jobs keep theirs; new jobs get this one
+            self.limiter = make_limiter(s3_new)
         self.peers = PeerPolicy.from_config(self.config)
         log.info("reloaded config: changed %s", ", ".join(changed) or "nothing")
         if ignored:
@@ -362,10 +376,10 @@ class Server:
 
     def _store_for(self, spec: DatasetSpec) -> ObjectStore:
         if spec.is_local:
-            return LocalStore(spec.root, self.semaphore, self.counters)
-        store: ObjectStore = S3Store(self.s3client, spec.bucket, self.semaphore, self.counters,
+            return LocalStore(spec.root, self.limiter, self.counters)
+        store: ObjectStore = S3Store(self.s3client, spec.bucket, self.limiter, self.counters,
                                      retries=int(self.config.get("s3.retries")),
-                                     verify_md5=self._verify_md5())
+                                     verify_md5=self._verify_md5(), http=self.http)
         tier = self.config.tree["disk_cache"]
         if tier["dir"] and tier["max_bytes"]:
             namespace = f"{resolve_endpoint(self.config.get('s3.endpoint_url')) or 'aws'}/{spec.bucket}"
@@ -453,7 +467,31 @@ class Server:
             "stall_s": totals["stall_s"],
             "indexing": self.indexes.status(),
             "disk_cache": [tier.status() for tier in self.disk_tiers.values()],
+            "concurrency": self._concurrency_status(),
         }
+
+    def _concurrency_status(self) -> dict[str, Any]:
+        """The current limiter's snapshot; throttles/decreases/increases cumulative since start (reloads
+        replace the limiter for new jobs, the counts of the replaced ones stay in)."""
+        snap = self.limiter.snapshot()
+        for old in self._retired_limiters:
+            for key in ("throttles", "decreases", "increases"):
+                snap[key] += getattr(old, key)
+        snap["adaptive"] = self.limiter.adaptive
+        return snap
+
+    def _on_botocore_retry(self, response=None, **_) -> None:
+        if response and response[1].get("Error", {}).get("Code") in THROTTLE_CODES:
+            self.counters.throttled += 1
+            self.limiter.on_throttle()
+
+
+def make_limiter(s3: dict[str, Any]) -> AdaptiveConcurrency:
+    """The GET limiter for an `s3:` config block; `get_concurrency: fixed` pins it at max_concurrency."""
+    maximum = max(1, int(s3["max_concurrency"]))
+    if s3.get("get_concurrency", "adaptive") == "fixed":
+        return AdaptiveConcurrency(maximum, minimum=maximum)
+    return AdaptiveConcurrency(maximum)
 
 
 def _reload_from_argv() -> Config:

@@ -12,6 +12,18 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def concurrency_line(c: dict[str, Any]) -> str:
+    """`12/32 (3 throttles, 1 decrease)`: the GET limit now / s3.max_concurrency, and why it moved."""
+    if not c.get("adaptive", c["minimum"] < c["maximum"]):
+        return f"{c['limit']}/{c['maximum']} (fixed, {_plural(c['throttles'], 'throttle')})"
+    return (f"{c['limit']}/{c['maximum']} ({_plural(c['throttles'], 'throttle')}, "
+            f"{_plural(c['decreases'], 'decrease')}, {_plural(c['increases'], 'increase')})")
+
+
 def render_status(s: dict[str, Any]) -> Group:
     overview = Table(title=f"prefetchd {s['version']} (pid {s['pid']}) on {s['socket']}", show_header=False)
     overview.add_column("counter", style="bold")
@@ -25,6 +37,7 @@ def render_status(s: dict[str, Any]) -> Group:
         ("fetched", f"{_mb(s['bytes_fetched'])} in {s['gets']:,} GETs"),
         ("fetch rate (10 s)", f"{s['fetch_mb_per_s']:.1f} MB/s"),
         ("GETs in flight", str(s["inflight_requests"])),
+        *([("GET concurrency", concurrency_line(s["concurrency"]))] if s.get("concurrency") else []),
         ("retries", str(s["retries"])),
         ("quarantined", str(s["quarantined"])),
         ("shared memory", _mb(s["shm_bytes"])),

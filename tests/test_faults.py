@@ -132,3 +132,39 @@ def test_a_rank_waiting_in_next_during_a_restart_gets_exactly_its_batch(daemon, 
         stream.close()
         if second is not None:
             assert second.stop() == 0
+
+
+def test_503_slowdown_lowers_the_get_concurrency_and_every_field_still_arrives(daemon, synthetic, proxy):
+    """S3 throttling: the adaptive limiter (prefetchd/concurrency.py) backs off, nothing is lost."""
+    import threading
+
+    # retry_mode=standard: botocore's adaptive rate limiter on top makes this epoch take ~50 s instead of ~8 s.
+    d = daemon(*FAST, "s3.max_concurrency=8", "s3.retry_mode=standard", endpoint_url=proxy.url)
+    victim = synthetic.manifest.fields[3].keys[PHENIX_CHANNELS["RNA"]]
+    # 4 = s3.retries + 1: botocore's own retries run out once, so the store sees SlowDown whatever layer
+    # reports it; then a share of all GETs is throttled too.
+    proxy.add_rule("503", match=victim, first_n=4)
+    proxy.add_rule("503", probability=0.15)
+    limits: list[int] = []
+    stop = threading.Event()
+
+    def poll() -> None:  # the limit climbs back once throttling stops: watch it while the epoch runs
+        while not stop.is_set():
+            limits.append(request("status", d.socket)["concurrency"]["limit"])
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        ids = read_epoch(synthetic, d, "slowdown")
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert sorted(ids) == sorted(f.id for f in synthetic.manifest.fields)
+    assert len(proxy.faults("503")) >= 4
+    c = request("status", d.socket)["concurrency"]
+    assert c["maximum"] == 8 and c["adaptive"] is True
+    assert c["throttles"] >= 1 and c["decreases"] >= 1
+    assert min(limits + [c["limit"]]) < c["maximum"], (limits, c)
+    assert c["minimum"] <= c["limit"] <= c["maximum"]
+    assert request("status", d.socket)["quarantined"] == 0
