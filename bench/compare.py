@@ -15,6 +15,12 @@ Systems:
   s3torch-u16      s3torchconnector S3MapDataset (CRT client) in the same DataLoader, 16-bit path
   prefetchd-opencv prefetchd, OpenCV-compatible: illum off, rescale off, CLAHE bins 65536   [16-bit, like for like]
   prefetchd        prefetchd defaults: illum on, rescale 0.1/99.9, CLAHE 256 bins             [16-bit]
+
+Consumers: bench/consumer.py (drains batches as fast as possible, or at a demand = a simulated GPU step), and the
+real trainer (bench/trainer_consumer.py: trainer.train's own loop and DINO step, vit_pico on small crops, fed by a
+prefetchd daemon or by the baseline DataLoader; section "trainer").
+
+    python -m bench.compare --only trainer   # one section only (development); see --help for the section names
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ def bucket_for(spec) -> str:
     return f"bench-{spec.field_count}x{spec.height}"
 SYSTEMS = ("baseline-u16", "baseline-guide", "s3torch-u16", "prefetchd-opencv", "prefetchd")
 LIKE_FOR_LIKE = ("prefetchd-opencv", "baseline-u16")
+SECTIONS = ("fits", "large", "small", "stall", "trainer", "policy", "latency", "profile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +77,8 @@ class Plan:
     small_variant: bool = True
     profile: bool = True
     regimes: tuple[str, ...] = ("fits", "large")
+    trainer_systems: tuple[str, ...] = LIKE_FOR_LIKE  # the real trainer as consumer (large regime dataset)
+    trainer_epochs: int = 1
 
 
 def quick_plan() -> Plan:
@@ -79,7 +88,7 @@ def quick_plan() -> Plan:
 
 def full_plan() -> Plan:
     return Plan(fields=96, epochs=3, fits_cache=64, large_cache=24, batch_size=8,
-                latency_sweep=(0.0, 30.0, 100.0), cache_sweep=True)
+                latency_sweep=(0.0, 30.0, 100.0), cache_sweep=True, trainer_epochs=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +273,10 @@ def proxy_stats(port: int) -> dict:
 
 def run_one(job: dict) -> dict:
     system = job["system"]
+    if job.get("consumer") == "trainer":
+        from bench.trainer_consumer import run_trainer
+
+        return run_trainer(job)
     if system.startswith("prefetchd"):
         return run_prefetchd(job)
     return run_baseline(job)
@@ -584,29 +597,40 @@ def fps(run: dict) -> float:
     return sum(e["fields"] for e in eps) / w if w else 0.0
 
 
-def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs=None, variant="full",
-               extra: dict | None = None, log=print) -> dict:
+def run_job(job: dict, ctx: dict, timeout: float = 600) -> dict:
+    """spawn_run plus the S3 server's and the proxy's CPU during the run and the machine's other load."""
+    s0, p0 = proc_cpu(ctx["server"].proc.pid), proc_cpu(ctx["proxy"].pid)
+    run = spawn_run(job, timeout=timeout)
+    run["server_cpu_s"] = proc_cpu(ctx["server"].proc.pid) - s0
+    run["proxy_cpu_s"] = proc_cpu(ctx["proxy"].pid) - p0
+    # CPU used by processes outside this benchmark (e.g. other jobs on the machine) during the run
+    run["other_cpu_s"] = max(0.0, run.get("machine_busy_s", 0.0) - run.get("process_cpu_s", 0.0)
+                             - run["server_cpu_s"] - run["proxy_cpu_s"])
+    return run
+
+
+def regime_job(name: str, plan: Plan, ctx: dict, system: str, variant: str = "full") -> dict:
     spec, manifest = ctx["data"][variant]
     batch = next(iter(spec.batches)) if name == "fits" else None
-    fields = dataset_fields(manifest, batch)
-    prefix = spec.prefix + (f"/{batch}" if batch else "")
-    cache = plan.fits_cache if name == "fits" else plan.large_cache
+    return {"system": system, "regime": name, "fields": dataset_fields(manifest, batch), "bucket": bucket_for(spec),
+            "prefix": spec.prefix + (f"/{batch}" if batch else ""),
+            "endpoint": ctx["proxy"].endpoint_url, "proxy_stats": ctx["proxy"].stats_port,
+            "batch_size": plan.batch_size, "epochs": plan.epochs, "seed": 0,
+            "cache_size": plan.fits_cache if name == "fits" else plan.large_cache,
+            "workdir": str(ctx["work"]), "demand": None, "profile": False,
+            "overrides": [f"s3.verify_md5={ctx['verify_md5']}"]}
+
+
+def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs=None, variant="full",
+               extra: dict | None = None, log=print) -> dict:
     results = {}
     for system in systems:
-        job = {"system": system, "regime": name, "fields": fields, "bucket": bucket_for(spec), "prefix": prefix,
-               "endpoint": ctx["proxy"].endpoint_url, "proxy_stats": ctx["proxy"].stats_port,
-               "batch_size": plan.batch_size, "epochs": epochs or plan.epochs, "seed": 0, "cache_size": cache,
-               "workdir": str(ctx["work"]), "demand": demand, "profile": False,
-               "overrides": [f"s3.verify_md5={ctx['verify_md5']}"],
-               "warm": demand is None and not (extra or {}).get("profile")}
+        job = regime_job(name, plan, ctx, system, variant)
+        job.update(epochs=epochs or plan.epochs, demand=demand,
+                   warm=demand is None and not (extra or {}).get("profile"))
         job.update(extra or {})
-        s0, p0 = proc_cpu(ctx["server"].proc.pid), proc_cpu(ctx["proxy"].pid)
-        run = spawn_run(job, timeout=600)
-        run["server_cpu_s"] = proc_cpu(ctx["server"].proc.pid) - s0
-        run["proxy_cpu_s"] = proc_cpu(ctx["proxy"].pid) - p0
-        # CPU used by processes outside this benchmark (e.g. other jobs on the machine) during the run
-        run["other_cpu_s"] = max(0.0, run.get("machine_busy_s", 0.0) - run.get("process_cpu_s", 0.0)
-                                 - run["server_cpu_s"] - run["proxy_cpu_s"])
+        fields, cache = job["fields"], job["cache_size"]
+        run = run_job(job, ctx)
         run.update(regime=name, n_fields=len(fields), cache_size=cache, variant=variant, demand=demand)
         results[system] = run
         if "error" in run:
@@ -618,6 +642,47 @@ def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs
                 + " ".join(f"{e['hit_rate']:.0%}" for e in run["epochs"])
                 + f"  rss {run['memory']['rss_peak'] / 2**30:.2f} GiB  other-load {run['other_cpu_s'] / run['wall_s']:.2f} cores")
     return results
+
+
+def run_trainer_section(plan: Plan, ctx: dict, log=print) -> dict:
+    """The real trainer (bench/trainer_consumer.py) consuming the large-regime dataset, fed by each system."""
+    results = {}
+    for system in plan.trainer_systems:
+        job = regime_job("large", plan, ctx, system)
+        job.update(regime="trainer", consumer="trainer", trainer_epochs=plan.trainer_epochs, epochs=plan.trainer_epochs)
+        run = run_job(job, ctx)
+        run.update(regime="trainer", n_fields=len(job["fields"]), cache_size=job["cache_size"], variant="full")
+        results[system] = run
+        if "error" in run or not run.get("steps"):
+            log(f"  train {system:17s} FAILED: {run.get('error', 'no steps logged')}")
+            continue
+        n = max(1, run["samples"])
+        log(f"  train {system:17s} {run['steps']} steps  {run['steps_per_s']:5.2f} steps/s  "
+            f"{run['samples_per_s']:6.2f} samples/s  data-wait {run['data_wait_share']:5.1%} "
+            f"(after 1st step {run['steady_data_wait_share']:5.1%})  cpu {run['tree_cpu_s'] / n * 1e3:4.0f} ms/sample "
+            f"(trainer {run['trainer_cpu_s'] / n * 1e3:.0f} + loader {run['loader_cpu_s'] / n * 1e3:.0f})  "
+            f"rss {run['memory']['rss_peak'] / 2**30:.2f} GiB  loss {run['first_loss']:.2f}→{run['final_loss']:.2f}  "
+            f"other-load {run['other_cpu_s'] / run['wall_s']:.2f} cores")
+    return results
+
+
+def apply_only(plan: Plan, only: str) -> set[str]:
+    """Keep only the named sections of the plan (comma list out of SECTIONS)."""
+    keep = {s.strip() for s in only.split(",") if s.strip()}
+    unknown = keep - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    plan.regimes = tuple(r for r in plan.regimes if r in keep)
+    plan.small_variant = plan.small_variant and "small" in keep
+    if "stall" not in keep:
+        plan.stall_systems = ()
+    if "trainer" not in keep:
+        plan.trainer_systems = ()
+    plan.cache_sweep = plan.cache_sweep and "policy" in keep
+    if "latency" not in keep:
+        plan.latency_sweep = ()
+    plan.profile = plan.profile and "profile" in keep
+    return keep
 
 
 def bounds_for(n: int, cache: int, epochs: int, batch_size: int) -> dict:
@@ -636,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--systems", default=None, help="comma list out of " + ",".join(SYSTEMS))
+    ap.add_argument("--only", default=None, metavar="SECTIONS",
+                    help="run only these sections (comma list out of " + ",".join(SECTIONS) + "; e.g. "
+                         "`--only trainer` = the real DINO trainer fed by prefetchd and by the baseline DataLoader). "
+                         "Never writes BENCHMARKS.md unless --markdown is given")
+    ap.add_argument("--trainer-epochs", type=int, default=None,
+                    help="data epochs the trainer section trains for (default: 1 with --quick, 2 in full)")
     ap.add_argument("--no-small", action="store_true")
     ap.add_argument("--verify-md5", default="false", choices=("auto", "true", "false"),
                     help="prefetchd's s3.verify_md5 (default false: the real bucket is https, where TLS already "
@@ -655,13 +726,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = quick_plan() if a.quick else full_plan()
     for attr, val in (("latency_ms", a.latency_ms), ("conn_mbps", a.conn_mbps), ("total_mbps", a.total_mbps),
-                      ("fields", a.fields), ("size", a.size), ("epochs", a.epochs)):
+                      ("fields", a.fields), ("size", a.size), ("epochs", a.epochs),
+                      ("trainer_epochs", a.trainer_epochs)):
         if val is not None:
             setattr(plan, attr, val)
     if a.systems:
         plan.systems = tuple(s for s in a.systems.split(",") if s)
     plan.small_variant = plan.small_variant and not a.no_small
     plan.profile = (plan.profile or a.profile) and not a.no_profile
+    if a.only:
+        apply_only(plan, a.only)
     return run_all(plan, a)
 
 
@@ -708,6 +782,8 @@ def run_all(plan: Plan, a) -> int:
                 if plan.stall_systems:
                     runs["stall"] = run_regime("large", plan, ctx, plan.stall_systems, demand=plan.demand, epochs=1,
                                                log=lambda m: log(m + f"  [demand {plan.demand:g} fields/s]"))
+                if plan.trainer_systems:
+                    runs["trainer"] = run_trainer_section(plan, ctx, log=log)
                 if plan.cache_sweep:
                     runs["policy"] = {}
                     for policy in ("lru", "belady"):
@@ -739,14 +815,14 @@ def run_all(plan: Plan, a) -> int:
                 md5_on = getattr(a, "verify_md5", "false") in ("true", "auto")  # auto: on over this http server
                 results["stage_ms"] = {s: stage_costs_prefetchd(data["full"][1], data["full"][1].root, prefetchd_options(s) or
                                                                 {"illum": True}, md5=md5_on)
-                                       for s in ("prefetchd-opencv", "prefetchd") if s in plan.systems}
+                                       for s in ("prefetchd-opencv", "prefetchd") if s in plan.systems and plan.regimes}
     results["total_s"] = time.perf_counter() - t_start
     if a.json:
         Path(a.json).write_text(json.dumps(results, default=str, indent=1))
     from bench.report import print_summary, write_markdown
 
     print_summary(results, log)
-    if not a.quick or a.markdown:
+    if (not a.quick and not getattr(a, "only", None)) or getattr(a, "markdown", None):
         md = Path(a.markdown or ROOT / "BENCHMARKS.md")
         write_markdown(results, md, md.parent / "docs" / "img")  # plots beside the markdown (docs/img/bench_*.png)
     ratio = ratio_vs_seed(results)

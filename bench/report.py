@@ -75,7 +75,7 @@ def split_rows(results: dict) -> list[list[str]]:
 
 
 SPLIT_COLUMNS = ("regime", "system", "fields decoded", "fetch (+ rest) ms", "MD5 verify ms", "decode ms", "illum ms", "rescale ms",
-                 "CLAHE ms", "copy/stack ms", "worker|daemon ms / decoded field", "consumer ms / field",
+                 "CLAHE ms", "copy/stack ms", "worker or daemon ms / decoded field", "consumer ms / field",
                  "whole tree ms / served field")
 
 
@@ -96,6 +96,77 @@ def bounds_rows(results: dict) -> list[list[str]]:
 
 BOUND_COLUMNS = ("regime", "N fields", "C slots", "C/N bound", "offline Belady / epoch", "offline LRU / epoch",
                  "prefetchd measured", "baseline measured")
+
+
+TRAINER_COLUMNS = ("data source", "steps", "steps/s", "samples/s", "data-wait share", "data-wait after 1st step",
+                   "samples/s after 1st step", "1st batch s", "CPU ms/sample (tree)", "trainer process ms/sample",
+                   "workers or daemon ms/sample", "server ms/sample", "RSS peak GiB", "PSS peak GiB", "loss first → last",
+                   "other load (cores)")
+TRAINER_SOURCES = {"prefetchd-opencv": "prefetchd-opencv (daemon, trainer's own attach)",
+                   "baseline-u16": "baseline-u16 (guide DataLoader, 8 workers)"}
+
+
+def trainer_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for system, run in (results["runs"].get("trainer") or {}).items():
+        label = TRAINER_SOURCES.get(system, system)
+        if "error" in run or not run.get("steps"):
+            rows.append([label, "failed: " + run.get("error", "no steps logged")] + [""] * (len(TRAINER_COLUMNS) - 2))
+            continue
+        n = max(1, run["samples"])
+        mem = run.get("memory", {})
+        rows.append([
+            label, str(run["steps"]), f"{run['steps_per_s']:.2f}", f"{run['samples_per_s']:.2f}",
+            f"{run['data_wait_share']:.0%}", f"{run['steady_data_wait_share']:.0%}",
+            f"{run['steady_samples_per_s']:.2f}", f"{run['first_batch_s']:.2f}",
+            f"{run['tree_cpu_s'] / n * 1e3:.0f}", f"{run['trainer_cpu_s'] / n * 1e3:.0f}",
+            f"{run['loader_cpu_s'] / n * 1e3:.0f}", f"{run.get('server_cpu_s', 0) / n * 1e3:.0f}",
+            f"{mem.get('rss_peak', 0) / 2**30:.2f}", f"{mem.get('pss_peak', 0) / 2**30:.2f}",
+            f"{run['first_loss']:.2f} → {run['final_loss']:.2f}",
+            f"{run.get('other_cpu_s', 0) / run['wall_s']:.2f}" if run.get("wall_s") else "",
+        ])
+    return rows
+
+
+def trainer_text(results: dict) -> list[str]:
+    """The section's explanation, with this run's parameters."""
+    p = results["plan"]
+    runs = results["runs"].get("trainer") or {}
+    any_run = next((r for r in runs.values() if r.get("steps")), {})
+    threads = any_run.get("torch_threads", "?")
+    cpus = results["machine"].get("cpus", "?")
+    return [
+        f"The trainer's own entry point (`trainer.train.train.main`, in-process: `TrainLoop` and the same DINO step as "
+        f"a training run: uint16 → float, per-channel normalisation, batched multi-crop augmentation, DINO + KoLeo "
+        f"forward/backward, clipping, AdamW, EMA teacher) with `configs/test_tiny.yaml`'s model and crops (vit_pico, "
+        f"patch 8, 2 global 32² + 2 local 16² crops), batch size {p['batch_size']}, {p.get('trainer_epochs', 1)} data "
+        f"epoch(s) over the large-regime dataset ({p['fields']} fields of 5 × {p['size']}² uint16, prefetchd cache "
+        f"{p['large_cache']} fields), through the same latency proxy. Fed by (a) a prefetchd daemon, attached by the "
+        "trainer's own `make_source` (prefetchd-opencv preprocessing: the same 16-bit pixels as the baseline), and (b) "
+        "the baseline-u16 DataLoader (`bench/baselines/jump_guide.py`, 8 workers) behind "
+        "`bench/trainer_consumer.py:LoaderSource`, an adapter with the stream interface the loop reads "
+        "(the only substitution: `trainer.train.train.make_source`).",
+        "",
+        "Times are the trainer's own per-step log (`logs/log.txt`: `step_s`, `data_wait_s`) plus the source set-up "
+        "(attach, or DataLoader construction; worker start-up lands in the first batch's wait). `steps/s`, "
+        "`samples/s` and `data-wait share` are over the whole loop, first batch included; `after 1st step` leaves out "
+        "the cold start. CPU is user+sys of the whole process tree (trainer + DataLoader workers, or trainer + "
+        "daemon) over the trainer's `main()` (config, model build and the final checkpoint included) per sample, split into the trainer process (its step, and the "
+        "loader's main-process side) and the loader's other processes; the S3 server's CPU is separate.",
+        "",
+        f"The DataLoader keeps 8 workers × prefetch 2 × {p['batch_size']} = {16 * p['batch_size']} fields in flight, "
+        f"{'more than' if 16 * p['batch_size'] >= p['fields'] else 'a large part of'} an epoch of these {p['fields']} "
+        "fields, and does not prefetch across epochs: at the start of each epoch the loop waits for the first batch "
+        "while the workers load most of the epoch, and that epoch's first steps run slowly beside them (they hold the "
+        "cores); the rest of the epoch then barely waits. Its `after 1st step` columns therefore look better than "
+        "its whole-loop ones (they still include the later epochs' starts). Compare whole-loop numbers.",
+        "",
+        f"**On this machine ({cpus} CPU cores, no GPU) the training step itself runs on the same cores as data "
+        f"loading** (torch uses {threads} threads): every CPU-ms the loader spends is taken from the step, so a "
+        "cheaper loader shows up as a faster step as well as a lower data-wait share. Read data-wait share and total "
+        "throughput side by side; on a GPU node the step would leave the CPU to the loader and the data-wait share "
+        "is the number that carries over.",
+    ]
 
 
 def md_table(columns, rows) -> str:
@@ -121,6 +192,9 @@ def print_summary(results: dict, log) -> None:
             continue
         log(f"\n== {title} ==")
         log(text_table(COLUMNS, [row_for(s, r) for s, r in runs.items()]))
+    if results["runs"].get("trainer"):
+        log(f"\n== real trainer as the consumer (vit_pico DINO step, large regime, {p.get('trainer_epochs', 1)} epoch(s)) ==")
+        log(text_table(TRAINER_COLUMNS, trainer_rows(results)))
     log("\n== CPU per field, split ==")
     log(text_table(SPLIT_COLUMNS, split_rows(results)))
     log("\n== hit rate vs bounds (prefetchd's schedule) ==")
@@ -252,6 +326,9 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         runs = results["runs"].get(regime)
         if runs:
             lines += [f"## {title}", "", md_table(COLUMNS, [row_for(s, r) for s, r in runs.items()]), ""]
+    if results["runs"].get("trainer"):
+        lines += [f"## Real trainer as the consumer (large regime, {p.get('trainer_epochs', 1)} epoch(s))", "",
+                  *trainer_text(results), "", md_table(TRAINER_COLUMNS, trainer_rows(results)), ""]
     lines += ["## CPU per field, split", "",
               "Baselines: worker process CPU timed around each stage inside `__getitem__` per decoded field (process, not "
               "thread, CPU: OpenCV uses helper threads). prefetchd: MD5 check/decode/illum/rescale/CLAHE/copy "

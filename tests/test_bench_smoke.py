@@ -53,7 +53,8 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
 
     plan = Plan(fields=8, size=64, small_size=32, batch_size=2, epochs=1, fits_cache=8, large_cache=6,
                 latency_ms=5.0, systems=("baseline-u16", "prefetchd-opencv"), stall_systems=(),
-                small_variant=False, profile=False, regimes=("large",))
+                small_variant=False, profile=False, regimes=("large",),
+                trainer_systems=("prefetchd-opencv", "baseline-u16"), trainer_epochs=1)
     args = argparse.Namespace(data_dir=str(tmp_path / "data"), server="seaweedfs", json=str(tmp_path / "r.json"),
                               markdown=str(tmp_path / "BENCH.md"), quick=True)
     assert run_all(plan, args) == 0
@@ -76,5 +77,15 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
         assert results["runs"][regime]["prefetchd-opencv"]["shm_bytes"] > 0
         b = results["bounds"][regime]
         assert 0 < b["c_over_n"] <= 1 and len(b["belady"]) == plan.epochs
-    assert (tmp_path / "BENCH.md").read_text().startswith("# Benchmarks")
+    # The real trainer as consumer: every step of one epoch logged by the trainer, fed by each source.
+    for system in plan.trainer_systems:
+        run = results["runs"]["trainer"][system]
+        assert "error" not in run, run
+        assert run["steps"] == 4 and run["samples"] == plan.fields  # 8 fields / batch 2
+        assert run["samples_per_s"] > 0 and 0 <= run["data_wait_share"] <= 1
+        assert run["tree_cpu_s"] > run["trainer_cpu_s"] > 0 and run["loader_cpu_s"] > 0
+        assert np.isfinite(run["final_loss"]) and run["memory"]["rss_peak"] > 0
+    md = (tmp_path / "BENCH.md").read_text()
+    assert md.startswith("# Benchmarks")
+    assert "## Real trainer as the consumer" in md and "baseline-u16 (guide DataLoader" in md
     assert np.isfinite(results["total_s"])
