@@ -26,6 +26,7 @@ from typing import Any
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 # moto accepts any credentials; explicit ones keep boto3 off the credential chain and instance metadata.
@@ -71,7 +72,13 @@ def anonymous_client(endpoint_url: str, *, max_pool: int = 16):
 
 def create_public_bucket(client, bucket: str) -> str:
     create_private_bucket(client, bucket)
-    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(public_read_policy(bucket)))
+    try:
+        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(public_read_policy(bucket)))
+    except ClientError as exc:
+        # rclone serve s3 has no bucket policies (it answers PutBucketPolicy with BucketAlreadyExists) and
+        # serves everything anonymously already
+        if exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "501", "BucketAlreadyExists"):
+            raise
     return bucket
 
 
@@ -79,8 +86,8 @@ def create_private_bucket(client, bucket: str) -> str:
     """A bucket whose objects anonymous GETs cannot read (403); anonymous LIST still works in moto."""
     try:
         client.create_bucket(Bucket=bucket)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        pass   # moto says the former, rclone the latter
     return bucket
 
 
