@@ -70,6 +70,7 @@ class Plan:
     conn_mbps: float = 0.0
     total_mbps: float = 0.0
     demand: float = 6.0            # fields/s for the stall runs
+    stall_cap_ratio: float = 1.1   # stall runs again behind a total bandwidth cap of this × the demand's MB/s
     systems: tuple[str, ...] = SYSTEMS
     stall_systems: tuple[str, ...] = LIKE_FOR_LIKE
     latency_sweep: tuple[float, ...] = ()
@@ -621,6 +622,12 @@ def regime_job(name: str, plan: Plan, ctx: dict, system: str, variant: str = "fu
             "overrides": [f"s3.verify_md5={ctx['verify_md5']}"]}
 
 
+def field_megabytes(manifest) -> float:
+    """Mean bytes of one field's channel objects (MB = 10^6 B), from the local copy of the plates."""
+    sizes = [sum((manifest.root / k).stat().st_size for k in f.keys.values()) for f in manifest.fields]
+    return float(np.mean(sizes)) / 1e6
+
+
 def run_regime(name: str, plan: Plan, ctx: dict, systems, *, demand=None, epochs=None, variant="full",
                extra: dict | None = None, log=print) -> dict:
     results = {}
@@ -782,6 +789,13 @@ def run_all(plan: Plan, a) -> int:
                 if plan.stall_systems:
                     runs["stall"] = run_regime("large", plan, ctx, plan.stall_systems, demand=plan.demand, epochs=1,
                                                log=lambda m: log(m + f"  [demand {plan.demand:g} fields/s]"))
+                if plan.stall_systems and plan.stall_cap_ratio:
+                    cap = plan.stall_cap_ratio * plan.demand * field_megabytes(data["full"][1])
+                    results["stall_cap_mbps"] = cap
+                    with LatencyProxy(server.endpoint_url, plan.latency_ms, plan.conn_mbps, cap) as capped:
+                        runs["stall-capped"] = run_regime(
+                            "large", plan, dict(ctx, proxy=capped), plan.stall_systems, demand=plan.demand, epochs=1,
+                            log=lambda m: log(m + f"  [demand {plan.demand:g} fields/s, total cap {cap:.0f} MB/s]"))
                 if plan.trainer_systems:
                     runs["trainer"] = run_trainer_section(plan, ctx, log=log)
                 if plan.cache_sweep:

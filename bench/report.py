@@ -9,7 +9,7 @@ import numpy as np
 
 from bench.compare import fps, per_field, schedule_sequence, simulate
 
-COLUMNS = ("system", "fields/s", "stall", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
+COLUMNS = ("system", "fields/s", "stall", "stall after 1st batch", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",
            "shm GiB", "bits", "other load (cores)")
 
@@ -28,6 +28,7 @@ def row_for(system: str, run: dict) -> list[str]:
         system,
         f"{fps(run):.2f}",
         f"{np.mean([e['stall_share'] for e in eps]):.0%}",
+        f"{np.mean([e.get('steady_stall_share', float('nan')) for e in eps]):.1%}",
         f"{run.get('ttfb_cold_s', float('nan')):.2f}",
         f"{run.get('ttfb_warm_s', float('nan')):.2f}",
         " / ".join(f"{e['hit_rate']:.0%}" for e in eps),
@@ -186,7 +187,9 @@ def print_summary(results: dict, log) -> None:
     p = results["plan"]
     for regime, title in (("fits", "dataset fits the cache"), ("large", "dataset larger than the cache"),
                           ("small-large", f"small images {p['small_size']}², larger than the cache"),
-                          ("stall", f"stall at demand {p['demand']:g} fields/s")):
+                          ("stall", f"stall at demand {p['demand']:g} fields/s"),
+                          ("stall-capped", f"stall at demand {p['demand']:g} fields/s behind a total cap of "
+                                           f"{results.get('stall_cap_mbps', 0):.0f} MB/s")):
         runs = results["runs"].get(regime)
         if not runs:
             continue
@@ -321,7 +324,10 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
     ]
     titles = (("fits", "Dataset fits in the cache"), ("large", "Dataset larger than the cache"),
               ("small-large", f"Small images ({p['small_size']}²), larger than the cache"),
-              ("stall", f"Consumer stall at a demand of {p['demand']:g} fields/s (large regime, 1 epoch)"))
+              ("stall", f"Consumer stall at a demand of {p['demand']:g} fields/s (large regime, 1 epoch)"),
+              ("stall-capped", f"Consumer stall at a demand of {p['demand']:g} fields/s behind a total bandwidth cap of "
+                               f"{results.get('stall_cap_mbps', 0):.0f} MB/s = {p.get('stall_cap_ratio', 1.1):g} × the "
+                               "demand (large regime, 1 epoch)"))
     for regime, title in titles:
         runs = results["runs"].get(regime)
         if runs:
