@@ -279,3 +279,91 @@ def test_compatible_properties_over_value_ranges(h, w, vr, kind, grid, clip, see
     ref = cv_clahe(img, clip, grid)
     assert np.array_equal(C.clahe(img, clip, grid, 65536), ref)
     assert np.array_equal(C.clahe(img, clip, grid, 65536, threads=3), ref)
+
+
+# ------------------------------------------------------------------ compatible mode: kernel paths
+# The interpolation interleaves a region's four tables (AVX2, value range <= 48 x its pixel count) or reads them
+# directly (AVX2 gathers; scalar without AVX2); AVX2 runs of >= 8 pixels end with an overlapping 8-pixel step;
+# tile min/max and the tables have AVX2 and scalar paths. These cover the edges of each path.
+
+def _kinds(shape, rng):
+    yield rng.integers(0, 8192, shape)                                   # ~13 bits
+    full = rng.integers(0, 65536, shape)
+    full.flat[0], full.flat[-1] = 0, 65535
+    yield full                                                           # the full range
+    yield np.full(shape, 4321)                                           # flat
+    yield rng.integers(30000, 30040, shape)                              # narrow
+
+
+@pytest.mark.parametrize("shape", [(1, 1080), (1080, 1), (1, 17), (17, 1), (2, 999), (1079, 1081), (257, 263),
+                                   (1001, 37), (135, 1080)])
+@pytest.mark.parametrize("grid", [8, (7, 3), 16, (40, 3)])
+def test_compatible_odd_shapes_and_grids(shape, grid):
+    """1 x N and N x 1 images, odd sizes, grids that do not divide the image, more than 16 tile columns."""
+    rng = np.random.default_rng(shape[0] * 7919 + shape[1])
+    for img in _kinds(shape, rng):
+        _cv_exact(img.astype(np.uint16), 3.0, grid)
+
+
+@pytest.mark.parametrize("tw", [1, 2, 7, 8, 9, 15, 16, 17, 31, 33])
+def test_compatible_run_lengths(tw):
+    """Tile widths (and so column runs of tw / 2 and tw pixels) around the 8- and 16-wide vector steps."""
+    rng = np.random.default_rng(tw)
+    for grid in [(4, 3), (9, 2)]:
+        img = rng.integers(1000, 1100, (60, tw * grid[0])).astype(np.uint16)
+        _cv_exact(img, 3.0, grid)
+        _cv_exact(np.ascontiguousarray(img[:, :-1]), 40.0, grid)         # padded: the last tile is partial
+
+
+def test_compatible_interleaved_and_direct_regions():
+    """One image with regions of both interpolation paths: narrow values (interleaved tables) beside
+    full-range noise in small tiles (range far above the pixel count: the tables are read directly)."""
+    rng = np.random.default_rng(17)
+    img = rng.integers(2000, 2300, (600, 600))
+    img[:, 300:] = rng.integers(0, 65536, (600, 300))
+    img = img.astype(np.uint16)
+    for grid in (8, 40, (60, 5)):
+        _cv_exact(img, 3.0, grid)
+        _cv_exact(np.ascontiguousarray(img.T), 0.5, grid)
+
+
+def _build_variant(tmp_path, name, defines):
+    """Compile _clahe.c with extra -D switches into tmp_path; None when no C compiler works here."""
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    src = Path(C.__file__).with_name("_clahe.c")
+    out = tmp_path / f"_clahe_{name}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    cmd = cc + ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c99",
+                f"-I{sysconfig.get_paths()['include']}", *defines, "-o", str(out), str(src)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return C.bind_native(str(out))
+
+
+@pytest.mark.parametrize("name, defines", [
+    ("baseline", ["-DPREFETCHD_NO_AVX2", "-DPREFETCHD_NO_CLONES"]),     # what a CPU without AVX2 runs
+    ("nogather", ["-DPREFETCHD_NO_GATHER"]),                            # scalar interpolation, AVX2 tables
+    ("direct", ["-DQTABLE_RATIO=0"]),                                   # AVX2, never interleaved
+])
+def test_compatible_build_variants_equal_opencv(tmp_path, name, defines):
+    lib = _build_variant(tmp_path, name, defines)
+    if lib is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    cases = [(cell_like_channel(360, seed=5), 8, 3.0), (rng.integers(0, 65536, (203, 157)), (5, 3), 0.5),
+             (rng.integers(500, 520, (1, 333)), 8, 3.0), (rng.integers(0, 8192, (129, 257)), 16, 40.0),
+             (np.full((64, 64), 65535), 8, 3.0), (rng.integers(0, 65536, (300, 300)), 40, 3.0)]
+    for img, grid, clip in cases:
+        img = np.ascontiguousarray(img.astype(np.uint16))
+        ref = cv_clahe(img, clip, grid)
+        g = C.geometry(*img.shape, clip, grid, 65536)
+        padded = np.ascontiguousarray(C.pad_for_tiles(img, g))
+        for threads in (1, 3):
+            out = np.zeros_like(img)
+            C._clahe_u16_native(lib, img, padded, out, g, threads)
+            assert np.array_equal(out, ref), (name, img.shape, grid, clip, threads)

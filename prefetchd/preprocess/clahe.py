@@ -20,6 +20,7 @@ import importlib.util
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 
 MAX_BINS = 65536
+NATIVE_ABI = 2       # prefetchd_clahe_abi() of the matching _clahe.c (function signatures)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -176,6 +178,35 @@ _lib_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
+def bind_native(path: str) -> ctypes.CDLL:
+    """Load a build of `_clahe.c` and declare its functions; ImportError when it is a stale build (its
+    prefetchd_clahe_abi() is not NATIVE_ABI: an exported signature changed since it was built)."""
+    lib = ctypes.CDLL(path)
+    lib.prefetchd_clahe_abi.restype = ctypes.c_int
+    abi = lib.prefetchd_clahe_abi()
+    if abi != NATIVE_ABI:
+        raise ImportError(f"{path} is a stale build of _clahe.c (ABI {abi}, expected {NATIVE_ABI}); "
+                          f"rebuild it: pip install -e .")
+    P, I, F, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ssize_t
+    lib.prefetchd_clahe_luts.argtypes = [P, S, I, I, I, I, I, I, I, F, P, P, P]
+    lib.prefetchd_clahe_luts.restype = None
+    lib.prefetchd_clahe_interp.argtypes = [P, S, P, S, I, I, I, I, I, I, I, I, P, P]
+    lib.prefetchd_clahe_interp.restype = I
+    lib.prefetchd_lut_u16.argtypes = [P, S, P, S, I, I, I, P]
+    lib.prefetchd_lut_u16.restype = None
+    lib.prefetchd_hist_u16.argtypes = [P, S, I, I, I, P]
+    lib.prefetchd_hist_u16.restype = None
+    lib.prefetchd_clahe_tile_minmax.argtypes = [P, S, I, I, I, I, I, P, P]
+    lib.prefetchd_clahe_tile_minmax.restype = None
+    lib.prefetchd_clahe_u16_ranges.argtypes = [I, I, I, I, I, I, P, P, P, P, P]
+    lib.prefetchd_clahe_u16_ranges.restype = ctypes.c_int64
+    lib.prefetchd_clahe_luts_u16.argtypes = [P, S, I, I, I, I, I, I, F, P, P, P, P, P, P]
+    lib.prefetchd_clahe_luts_u16.restype = I
+    lib.prefetchd_clahe_interp_u16.argtypes = [P, S, P, S, I, I, I, I, I, I, I, P, P, ctypes.c_int64, P, P]
+    lib.prefetchd_clahe_interp_u16.restype = I
+    return lib
+
+
 def _load_native():
     global _lib
     if _lib is not None:
@@ -185,29 +216,15 @@ def _load_native():
             return _lib or None
         lib = False
         if os.environ.get("PREFETCHD_CLAHE_NATIVE", "1") != "0":
-            try:
-                spec = importlib.util.find_spec("prefetchd.preprocess._clahe")
-                if spec is not None and spec.origin and spec.origin.endswith((".so", ".pyd", ".dylib")):
-                    lib = ctypes.CDLL(spec.origin)
-                    P, I, F, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ssize_t
-                    lib.prefetchd_clahe_luts.argtypes = [P, S, I, I, I, I, I, I, I, F, P, P, P]
-                    lib.prefetchd_clahe_luts.restype = None
-                    lib.prefetchd_clahe_interp.argtypes = [P, S, P, S, I, I, I, I, I, I, I, I, P, P]
-                    lib.prefetchd_clahe_interp.restype = I
-                    lib.prefetchd_lut_u16.argtypes = [P, S, P, S, I, I, I, P]
-                    lib.prefetchd_lut_u16.restype = None
-                    lib.prefetchd_hist_u16.argtypes = [P, S, I, I, I, P]
-                    lib.prefetchd_hist_u16.restype = None
-                    lib.prefetchd_clahe_tile_minmax.argtypes = [P, S, I, I, I, I, I, P, P]
-                    lib.prefetchd_clahe_tile_minmax.restype = None
-                    lib.prefetchd_clahe_u16_ranges.argtypes = [I, I, I, I, I, I, P, P, P, P, P]
-                    lib.prefetchd_clahe_u16_ranges.restype = ctypes.c_int64
-                    lib.prefetchd_clahe_luts_u16.argtypes = [P, S, I, I, I, I, I, I, F, P, P, P, P, P, P]
-                    lib.prefetchd_clahe_luts_u16.restype = I
-                    lib.prefetchd_clahe_interp_u16.argtypes = [P, S, P, S, I, I, I, I, I, I, I, P, P, ctypes.c_int64]
-                    lib.prefetchd_clahe_interp_u16.restype = I
-            except (OSError, AttributeError, ImportError):
-                lib = False
+            spec = importlib.util.find_spec("prefetchd.preprocess._clahe")
+            if spec is not None and spec.origin and spec.origin.endswith((".so", ".pyd", ".dylib")):
+                try:
+                    lib = bind_native(spec.origin)
+                except ImportError as e:
+                    warnings.warn(f"{e}; using the numpy implementation", RuntimeWarning, stacklevel=2)
+                    lib = False
+                except (OSError, AttributeError):
+                    lib = False
         _lib = lib
     return _lib or None
 
@@ -337,7 +354,8 @@ def _clahe_u16_native(lib, src: np.ndarray, padded: np.ndarray, target: np.ndarr
     def interp(y0, y1):
         if lib.prefetchd_clahe_interp_u16(src.ctypes.data, src.strides[0] // 2, target.ctypes.data,
                                           target.strides[0] // 2, y0, y1, W, g.tile_h, g.tile_w, g.tiles_x,
-                                          g.tiles_y, lut.ctypes.data, base.ctypes.data, total) != 0:
+                                          g.tiles_y, lut.ctypes.data, base.ctypes.data, total, mins.ctypes.data,
+                                          maxs.ctypes.data) != 0:
             raise MemoryError("CLAHE kernel could not allocate its column tables")
 
     _run(interp, _split(H, threads), threads)
