@@ -1,19 +1,59 @@
-"""One attached training job: its arena (= cache), its ranks' cursors, and the prefetcher that keeps
-every rank's next `prefetch_factor` batches ready before they are asked for."""
+"""One attached training job: its arena (= cache), its ranks' cursors, and the prefetcher that gets every
+rank's next batches ready before they are asked for (`lru`: the next `prefetch_factor` batches whatever that
+evicts; `belady`: as far ahead as the cache allows without costing a hit, plus the next batch of a rank that
+would otherwise stall — see below).
+
+Every rank's sample order is known (the seeded schedule, across epoch boundaries), so for any field the
+daemon knows its next uses: `Horizon` lists them as distances in schedule positions from each live rank's
+cursor, over the rest of the current epoch and the whole next one, merged over ranks (the next use is the
+nearest over ranks). A quarantined field's positions count for its substitute, which is served there.
+
+Prefetching (`_plan`), per policy:
+
+* `belady` (default) — prefetch and eviction are integrated (`_plan_min`): the window is walked nearest use
+  first; a missing field takes a FREE slot, or evicts a resident that offline MIN, run from the cache as it
+  is over the upcoming schedule, evicts before that resident's next use ("doomed": its next use is a MIN
+  miss anyway). That is the "do no harm" rule of Cao, Felten, Karlin, Li (1995) made exact: nothing needed
+  before the prefetched field and nothing MIN keeps for a hit is evicted; leased and filling slots never.
+  When no doomed field is free to go (typically MIN's victims are in the batch a rank still holds), the
+  prefetcher waits, in order, until a release or a finished fill changes that. The fields fetched are then
+  MIN's on the same reference string, so the per-epoch hit rate matches the offline Belady bound of a
+  demand-fetch cache of `cache_size` fields (bench.compare.simulate), and the window fills as deep as the
+  cache allows beyond what MIN keeps: the larger the cache relative to window + leased batches, the
+  fewer prefetches wait.
+  One exception keeps the daemon's purpose (no stall) first (`_guarded`): a rank that keeps each batch
+  longer than a fill takes (its think time, measured between a reply and its next request, exceeds the
+  fill time) gets its next batch fetched even if that evicts a field MIN would keep (the resident with the
+  furthest next use that is not needed before it); otherwise it would wait one fill on every batch when
+  the cache is tight. Such evictions are counted in `guarded_evictions`. A rank that is back at once (the
+  daemon is the bottleneck) gains nothing from it and sees exact MIN; `prefetch_factor: 0` turns it off.
+* `lru` — the `must` zone (the Little's-law depth) is fetched whatever it evicts (the least recently used
+  resident outside the zone), the `deep` zone only into free slots.
+
+A rank asking for a batch that is not ready (`_claim`) always gets it: its missing fields are fetched on
+demand, evicting the resident with the furthest next use (`belady`, MIN's own choice at that moment) or the
+least recently used (`lru`), never a leased slot or a field in a rank's prefetch window; when every slot is
+leased, filling or protected it waits for the next release or finished fill, both of which wake it.
+
+Hits (`SlotCache.lease`): a use is a hit only when its slot already served a use since it was filled, so a
+prefetched field's first use is a miss — the count of a demand-fetch cache, comparable with the bounds.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
-from prefetchd.cache import SlotCache
+from prefetchd.cache import SlotCache, min_evictions
 from prefetchd.counters import RateMeter
 from prefetchd.decode import assemble_field, probe_shape
 from prefetchd.errors import CorruptObjectError, PrefetchdError, ShmError
@@ -57,6 +97,8 @@ class RankState:
     leased: list[int] = field(default_factory=list)
     connected: bool = True
     detached: bool = False
+    think_s: float = 0.0                # moving average: from a batch handed out to the next request
+    replied_at: float | None = None
 
 
 @dataclass
@@ -73,6 +115,7 @@ class JobStats:
     cache_misses: int = 0
     fields_fetched: int = 0
     stall_s: float = 0.0
+    guarded_evictions: int = 0   # belady: prefetch evictions MIN would not make, to keep a rank from stalling
     epochs: dict[int, EpochStats] = field(default_factory=lambda: collections.defaultdict(EpochStats))
 
 
@@ -130,7 +173,8 @@ class Job:
         self.filling: dict[int, asyncio.Future] = {}
         self.idle_since: float | None = None
         self._schedules: dict[tuple[int, int], np.ndarray] = {}
-        self._positions: dict[tuple[int, int], dict[int, int]] = {}
+        self._positions: dict[tuple[int, int], dict[int, tuple[int, ...]]] = {}
+        self._horizon: Horizon | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -204,6 +248,7 @@ class Job:
         if state is None:
             state = self.ranks[rank] = RankState(rank)
         state.connected, state.detached = True, False
+        state.replied_at = None  # the gap across a reconnect is not think time
         self.idle_since = None
         self._wake.set()
         return state
@@ -283,8 +328,9 @@ class Job:
 
     def wanted(self) -> tuple[list[int], list[int]]:
         """Fields live ranks need next, nearest first, interleaved across ranks, split in two zones:
-        `must` (`prefetch_depth()`: fetched whatever it evicts) and
-        `deep` (as far as the cache has room: fetched only into free slots, so it never lowers the hit rate)."""
+        `must` (`prefetch_depth()`; never evicted by a demand fetch; `lru` fetches it whatever it evicts) and
+        `deep` (as far as the cache has room; `lru` fetches it only into free slots). `belady` walks both
+        zones as one window, evicting only what MIN would (`_plan_min`)."""
         live = [r for r in self.ranks.values() if not r.detached]
         b = self.spec.batch_size
         # Windows plus every rank's leased batch must fit in the cache, or ranks could starve each other.
@@ -315,31 +361,28 @@ class Job:
         return b + max(self.spec.prefetch_factor * b, in_flight)
 
     def next_use(self, f: int) -> float:
-        """Distance (in positions) until any rank uses field `f` again; inf if not in the next two epochs."""
-        best = float("inf")
-        for state in self.ranks.values():
-            if state.detached:
-                continue
-            for epoch, offset in ((state.epoch, 0), (state.epoch + 1, None)):
-                positions = self._position_map(state.rank, epoch)
-                pos = positions.get(f)
-                if pos is None:
-                    continue
-                if offset == 0:
-                    if pos >= state.position:
-                        best = min(best, pos - state.position)
-                        break
-                else:
-                    remaining = len(self.schedule_of(state.rank, state.epoch)) - state.position
-                    best = min(best, remaining + pos)
-        return best
+        """Distance (in positions) until any live rank uses field `f` again; inf if not in the horizon."""
+        return self.horizon().next_use(f)
 
-    def _position_map(self, rank: int, epoch: int) -> dict[int, int]:
+    def horizon(self) -> "Horizon":
+        """Next uses from the ranks' current cursors; rebuilt when a cursor moves or a field is quarantined."""
+        key = (tuple((r.rank, r.epoch, r.position) for r in self.ranks.values() if not r.detached),
+               len(self.quarantined))
+        if self._horizon is None or self._horizon.key != key:
+            self._horizon = Horizon(self, key)
+        return self._horizon
+
+    def _position_map(self, rank: int, epoch: int) -> dict[int, tuple[int, ...]]:
+        """Field -> its positions in this rank's order of `epoch`, substitutes standing in for quarantined
+        fields (padding without drop_last can put a field twice in one epoch)."""
         key = (rank, epoch)
         positions = self._positions.get(key)
         if positions is None:
             order = self.schedule_of(rank, epoch)
-            positions = {int(f): i for i, f in reversed(list(enumerate(order)))}
+            lists: dict[int, list[int]] = {}
+            for i, f in enumerate(order.tolist()):
+                lists.setdefault(self.substitute(f) if self.quarantined else f, []).append(i)
+            positions = {f: tuple(v) for f, v in lists.items()}
             self._positions[key] = positions
         return positions
 
@@ -347,9 +390,11 @@ class Job:
 
     async def next_batch(self, rank: int, epoch: int, batch: int) -> dict:
         state = self.ranks[rank]
+        self._think(state)
         self._release(state)
         if batch >= self.batches_per_epoch:
             state.epoch, state.position = epoch + 1, 0
+            state.replied_at = time.monotonic()
             self._wake.set()
             return {"ok": True, "end": True, "epoch": epoch, "batches": self.batches_per_epoch}
         b = self.spec.batch_size
@@ -374,6 +419,7 @@ class Job:
         self.stats.fields_served += len(mapped)
         state.leased = slots
         state.position = (batch + 1) * b
+        state.replied_at = time.monotonic()
         self.pace.consumed(rank, len(mapped))
         self._wake.set()
         return {
@@ -386,6 +432,13 @@ class Job:
             "generations": [int(self.arena.table["generation"][s]) for s in slots],
             "waited_s": waited,
         }
+
+    @staticmethod
+    def _think(state: RankState, alpha: float = 0.3) -> None:
+        if state.replied_at is None:
+            return
+        gap = time.monotonic() - state.replied_at
+        state.think_s = gap if state.think_s == 0 else state.think_s + alpha * (gap - state.think_s)
 
     async def _wait_ready(self, fields: list[int]) -> list[int]:
         """Start or join the fills of a batch's fields and return once every one is in a slot."""
@@ -414,7 +467,7 @@ class Job:
         return False
 
     def _next_use_fn(self):
-        return self.next_use if self.spec.policy == "belady" else None
+        return self.horizon().next_use if self.spec.policy == "belady" else None
 
     # ---- prefetching and filling ----------------------------------------------------------
 
@@ -429,6 +482,9 @@ class Job:
 
     def _plan(self) -> None:
         must, deep = self.wanted()
+        if self.spec.policy == "belady":
+            self._plan_min(must + deep)
+            return
         protected = set(must)
         for zone, fields in (("must", must), ("deep", deep)):
             for f in fields:
@@ -436,10 +492,58 @@ class Job:
                     return
                 if self.cache.lookup(f) is not None:
                     continue
-                slot = self.cache.take_slot(protected, self._next_use_fn(), free_only=zone == "deep")
+                slot = self.cache.take_slot(protected, None, free_only=zone == "deep")
                 if slot is None:
                     break
                 self._start_fill(f, slot)
+
+    def _plan_min(self, window: list[int]) -> None:
+        """Prefetch `window` (nearest use first) evicting only fields MIN would evict before their next use
+        (`SlotCache.take_slot_for`); stop at the first field that must wait, so fetches keep their order."""
+        horizon = self.horizon()
+        protected = self._next_batches()
+        guarded = self._guarded()
+        for f in window:
+            if len(self.filling) >= self.max_fills:
+                return
+            if self.cache.lookup(f) is not None:
+                continue
+            slot = self.cache.take_slot_for(self._doomed(horizon), protected)
+            if slot is None and f in guarded:
+                # Latency first: evict what MIN would miss least, but never a field needed before this one.
+                need_at = horizon.next_use(f)
+                sooner = {g for g in self.cache.field_of if g >= 0 and horizon.next_use(g) <= need_at}
+                slot = self.cache.take_slot(protected | guarded | sooner, horizon.next_use)
+                self.stats.guarded_evictions += slot is not None
+            if slot is None:
+                return
+            self._start_fill(f, slot)
+
+    def _doomed(self, horizon: "Horizon") -> Iterator[int]:
+        """Residents (ready, leased or filling) that MIN, run from the cache as it is over every live rank's
+        upcoming schedule, evicts before their next use (lazy: nothing is computed while a slot is free;
+        `min_evictions`, bounded to a few cache turnovers — beyond that the prefetch waits)."""
+        residents = [f for f in self.cache.field_of if f >= 0]
+        slots = self.arena.layout.slot_count
+        yield from min_evictions(residents, slots, horizon.references(), horizon.next_use, horizon.next_use_after,
+                                 max_steps=4 * slots + 64)
+
+    def _next_batches(self) -> set[int]:
+        """The fields of the batch each live rank consumes next (or is waiting for): never evicted by a prefetch."""
+        b = self.spec.batch_size
+        return {self.substitute(f) for r in self.ranks.values() if not r.detached for f in self._window(r, b)}
+
+    def _guarded(self) -> set[int]:
+        """The next batch of every rank that keeps a batch longer than a fill takes (`think_s > fill_s`): such a
+        rank would stall for a fill on every batch if its next batch waited for MIN's victim (usually the batch
+        it holds) to be released, so that batch is fetched even at the cost of a hit. A rank that is back at
+        once (the daemon is the bottleneck) gains nothing from it, and with `prefetch_factor` 0 it is off."""
+        fill_s = self.pace.fill_s
+        if self.spec.prefetch_factor < 1 or fill_s <= 0:
+            return set()
+        b = self.spec.batch_size
+        return {self.substitute(f) for r in self.ranks.values()
+                if not r.detached and r.think_s > fill_s for f in self._window(r, b)}
 
     def _start_fill(self, f: int, slot: int, blobs: list[bytes] | None = None) -> asyncio.Future:
         self.cache.begin_fill(f, slot)
@@ -496,6 +600,7 @@ class Job:
 
     def _quarantine(self, f: int, reason: str) -> None:
         self.quarantined[f] = reason
+        self._positions.clear()  # its positions now belong to its substitute
         log.error("quarantined field %s: %s", self.index.fields[f].id, reason)
 
     # ---- reporting -------------------------------------------------------------------------
@@ -517,7 +622,7 @@ class Job:
             "shm_name": self.arena.layout.name if self.arena else None,
             "shm_bytes": self.arena.layout.total_bytes if self.arena else 0,
             "ranks": {r.rank: {"epoch": r.epoch, "position": r.position, "connected": r.connected,
-                               "leased": len(r.leased)} for r in self.ranks.values()},
+                               "leased": len(r.leased), "think_s": r.think_s} for r in self.ranks.values()},
             "fields_served": served,
             "cache_hits": st.cache_hits,
             "cache_misses": st.cache_misses,
@@ -525,6 +630,7 @@ class Job:
             "hit_rate_bound": min(1.0, s.cache_size / self.n_fields) if self.n_fields else 0.0,
             "fields_fetched": st.fields_fetched,
             "evicted_unused": self.cache.evicted_unused if self.cache else 0,
+            "guarded_evictions": st.guarded_evictions,
             "stall_s": st.stall_s,
             "epochs": {e: {"served": v.served, "hits": v.hits, "misses": v.misses,
                            "hit_rate": v.hits / v.served if v.served else 0.0}
@@ -536,3 +642,67 @@ class Job:
             "fill_s": self.pace.fill_s,
             "consume_fields_per_s": self.pace.rate_per_rank,
         }
+
+
+class Horizon:
+    """Every live rank's upcoming uses of each field, as distances in schedule positions from the rank's
+    cursor: the rest of its current epoch, then its next epoch (the seeded schedule is known ahead).
+    Distances of several ranks are merged (ranks are taken to advance at the same pace), so `next_use` is
+    the nearest use by any rank. Computed lazily per field and kept until a cursor moves."""
+
+    def __init__(self, job: Job, key: tuple):
+        self.key = key
+        self._uses: dict[int, list[int]] = {}
+        self._parts = []
+        self._orders = []
+        substitute = job.substitute if job.quarantined else None
+        for state in job.ranks.values():
+            if state.detached:
+                continue
+            order = job.schedule_of(state.rank, state.epoch)
+            following = job.schedule_of(state.rank, state.epoch + 1)
+            remaining = max(0, len(order) - state.position)
+            self._parts.append((job._position_map(state.rank, state.epoch), state.position,
+                                job._position_map(state.rank, state.epoch + 1), remaining))
+            self._orders.append((order, state.position, following, substitute))
+
+    def uses(self, f: int) -> list[int]:
+        out = self._uses.get(f)
+        if out is None:
+            out = []
+            for current, position, following, remaining in self._parts:
+                out.extend(p - position for p in current.get(f, ()) if p >= position)
+                out.extend(remaining + p for p in following.get(f, ()))
+            out.sort()
+            self._uses[f] = out
+        return out
+
+    def next_use(self, f: int) -> float:
+        uses = self.uses(f)
+        return uses[0] if uses else math.inf
+
+    def next_use_after(self, f: int, t: float) -> float:
+        """The first use strictly later than `t` positions from now (inf if none in the horizon)."""
+        uses = self.uses(f)
+        i = bisect.bisect_right(uses, t)
+        return uses[i] if i < len(uses) else math.inf
+
+    def references(self) -> Iterator[tuple[int, int]]:
+        """(distance, field) of every upcoming use within the horizon, nearest first, ranks interleaved."""
+        d = 0
+        while True:
+            live = False
+            for order, position, following, substitute in self._orders:
+                i = position + d
+                if i < len(order):
+                    f = int(order[i])
+                else:
+                    i -= max(len(order), position)
+                    if i >= len(following):
+                        continue
+                    f = int(following[i])
+                live = True
+                yield d, substitute(f) if substitute else f
+            if not live:
+                return
+            d += 1
