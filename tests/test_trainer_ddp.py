@@ -32,4 +32,6 @@ def test_two_processes_share_one_daemon_and_fetch_each_field_once(synthetic, dae
     assert state["in_chans"] == 5 and state["student"]["backbone.patch_embed.proj.weight"].shape[1] == 5
 
     status = request("status", socket_path=d.socket)
-    assert status["fields_served"] == 24 and status["cache_misses"] == 24  # no field fetched twice
+    # 3 steps x 2 ranks x 4 = the 24 fields once; a rank may already have asked for its next batch (epoch 1,
+    # served from the cache) before it stopped
+    assert status["fields_served"] >= 24 and status["cache_misses"] == 24, status  # no field fetched twice
