@@ -368,7 +368,7 @@ def run_prefetchd(job: dict) -> dict:
 
     work = Path(job["workdir"])
     cache_dir = work / f"index-{job['system']}-{job['regime']}-{os.getpid()}"
-    sock = Path(tempfile.mkdtemp(prefix="pfb-")) / "d.sock"
+    sock = Path(tempfile.mkdtemp(prefix="pfb-", dir=work)) / "d.sock"
     overrides = [f"s3.endpoint_url={job['endpoint']}", f"cache_dir={cache_dir}", "log_level=warning"]
     overrides += job.get("overrides", [])
     dataset = f"JUMPS3MultiView:bucket={job['bucket']}:prefix={job['prefix']}"

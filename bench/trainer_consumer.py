@@ -190,7 +190,7 @@ def run_trainer(job: dict) -> dict:
     if system.startswith("prefetchd"):
         from prefetchd.daemon_process import DaemonProcess
 
-        sock = Path(tempfile.mkdtemp(prefix="pft-")) / "d.sock"
+        sock = Path(tempfile.mkdtemp(prefix="pft-", dir=work)) / "d.sock"
         overrides = [f"s3.endpoint_url={job['endpoint']}", f"cache_dir={work / f'index-trainer-{me}'}",
                      "log_level=warning", *job.get("overrides", [])]
         t0 = time.perf_counter()

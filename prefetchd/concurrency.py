@@ -41,11 +41,12 @@ from typing import Callable
 
 DECREASE_FACTOR = 0.7   # limit *= 0.7 on throttling
 IMPROVEMENT = 0.05      # a step up must raise throughput by more than 5 % to be kept
+DEFAULT_MINIMUM = 2     # never fewer GETs in flight than this while adapting
 HOLD_WINDOWS = 3        # windows to wait after a throttle or an unprofitable probe before probing again
 
 
 class AdaptiveConcurrency:
-    def __init__(self, maximum: int, *, minimum: int = 2, initial: int | None = None, window_s: float = 1.0,
+    def __init__(self, maximum: int, *, minimum: int = DEFAULT_MINIMUM, initial: int | None = None, window_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         self._maximum = max(1, int(maximum))
         self._minimum = max(1, min(int(minimum), self._maximum))
@@ -155,7 +156,9 @@ class AdaptiveConcurrency:
 
     def _climb(self, rate: float) -> None:
         if not self._saturated:
-            self._probe = 0  # the limit did not bind: a pending probe can be judged neither way
+            # the limit did not bind: a pending probe cannot be judged, so it is taken back (no ratchet)
+            self._limit = max(self._minimum, self._limit - self._probe)
+            self._probe = 0
             self._reference = None
             self._hold = max(0, self._hold - 1)
             return
@@ -183,6 +186,17 @@ class AdaptiveConcurrency:
         self._probe = step
         self._reference = rate
         self.increases += 1
+        self._wake()
+
+    def set_bounds(self, maximum: int, minimum: int) -> None:
+        """A reloaded `s3.max_concurrency` / `s3.get_concurrency`: a limit that sat at the old maximum (never
+        throttled) moves to the new one; a lowered one stays where throttling put it, within the bounds."""
+        at_max = self._limit >= self._maximum
+        self._maximum = max(1, int(maximum))
+        self._minimum = max(1, min(int(minimum), self._maximum))
+        self._limit = min(self._maximum, max(self._minimum, self._maximum if at_max else self._limit))
+        self._probe = 0
+        self._reference = None
         self._wake()
 
     # ---- introspection ------------------------------------------------------------------------

@@ -39,7 +39,6 @@ class FetchCounters:
     gets: int = 0
     bytes_fetched: int = 0
     retries: int = 0
-    throttled: int = 0
     inflight: int = 0
     errors: int = 0
     meter: RateMeter = field(default_factory=RateMeter)

@@ -37,7 +37,8 @@ _TRANSIENT = (
     IncompleteReadError,
     ResponseStreamingError,
 )
-_PERMANENT_CODES = {"NoSuchKey", "404", "AccessDenied", "403", "NoSuchBucket", "InvalidObjectState"}
+_PERMANENT_CODES = {"NoSuchKey", "404", "AccessDenied", "403", "NoSuchBucket", "InvalidObjectState",
+                    "PermanentRedirect", "301"}
 # S3 asking us to slow down: the concurrency limiter backs off before the retry.
 THROTTLE_CODES = {"SlowDown", "503", "429", "TooManyRequests", "Throttling", "ThrottlingException",
                   "RequestLimitExceeded", "RequestThrottled"}
@@ -88,25 +89,34 @@ class S3Store:
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if self.http and code in THROTTLE_CODES:   # botocore's retries report theirs (server.py)
-                    self.counters.throttled += 1
                     _limiter_call(self.semaphore, "on_throttle")
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
                     raise self._object_error(key, exc) from exc
+            except aiohttp.ClientConnectorCertificateError as exc:   # no retry makes a certificate trusted
+                self.counters.errors += 1
+                raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); behind a "
+                                   "TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle", code="tls") from exc
             except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
-                    raise CorruptObjectError(
-                        f"s3://{self.bucket}/{key}: {type(exc).__name__}: {exc} after {attempt + 1} attempts"
-                    ) from exc
+                    if isinstance(exc, (TruncatedBody, BadChecksum)):
+                        reason = f"{type(exc).__name__}: {exc}"
+                    else:
+                        reason = self._reason(exc).message
+                    raise CorruptObjectError(f"s3://{self.bucket}/{key}: {reason} after {attempt + 1} attempts",
+                                             code="storage") from exc
                 log.debug("retrying %s after %s", key, exc)
             self.counters.retries += 1
             await asyncio.sleep(backoff_s(attempt))
         raise AssertionError("unreachable")
 
-    def _object_error(self, key: str, exc: ClientError) -> CorruptObjectError:
+    def _reason(self, exc: BaseException):
         endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
-        reason = classify_storage_error(exc, endpoint, self.bucket)
+        return classify_storage_error(exc, endpoint, self.bucket)
+
+    def _object_error(self, key: str, exc: ClientError) -> CorruptObjectError:
+        reason = self._reason(exc)
         return CorruptObjectError(f"s3://{self.bucket}/{key}: {reason.message}", code=reason.code)
 
     async def _get_once(self, key: str, expected_size: int, expected_etag: str | None = None) -> bytes:

@@ -13,7 +13,9 @@ quarantine are the same for both transports.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 from urllib.parse import quote
@@ -21,7 +23,10 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp.helpers import BasicAuth, get_env_proxy_for_url
 from botocore.exceptions import ClientError
+from botocore.httpsession import get_cert_path
 from yarl import URL
+
+from prefetchd.errors import StorageError
 
 SENTINEL = "__prefetchd_key__"
 READ_BUFSIZE = 1 << 20   # one 1 MiB buffer per response instead of 64 KiB: fewer pause/resume cycles per body
@@ -41,10 +46,16 @@ async def make_http_session(s3: dict[str, Any], *, max_pool: int) -> AsyncIterat
     """A connection pool for direct GETs with the `s3:` block's timeouts (proxies: see `HttpGetter`)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=float(s3.get("connect_timeout_s", 5.0)),
                                     sock_read=float(s3.get("read_timeout_s", 30.0)))
-    connector = aiohttp.TCPConnector(limit=max_pool, ttl_dns_cache=300)
+    # limit=0: the daemon's GET limiter (concurrency.py) bounds requests; a reload may raise it
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=ssl_context())
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                      read_bufsize=READ_BUFSIZE, skip_auto_headers=("Accept-Encoding",)) as session:
         yield session
+
+
+def ssl_context() -> ssl.SSLContext:
+    """The CA bundle botocore would use: AWS_CA_BUNDLE (TLS-inspecting proxies), else botocore's default."""
+    return ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
 
 async def object_url_template(client: Any, bucket: str) -> tuple[str, str]:
@@ -52,7 +63,8 @@ async def object_url_template(client: Any, bucket: str) -> tuple[str, str]:
     url = await client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": SENTINEL})
     prefix, found, suffix = url.partition(SENTINEL)
     if not found or "?" in prefix:
-        raise ValueError(f"cannot derive an object URL for bucket {bucket!r} from {url!r}")
+        raise StorageError(f"cannot derive a plain object URL for bucket {bucket!r} from {url!r}: set "
+                           "s3.get_transport=botocore", code="storage")
     return prefix, suffix
 
 
@@ -61,13 +73,17 @@ def quote_key(key: str) -> str:
     return quote(key, safe="/~")
 
 
-def client_error(status: int, body: bytes, reason: str) -> ClientError:
+def client_error(status: int, body: bytes, reason: str, headers: Any = None) -> ClientError:
+    """The ClientError botocore would raise; S3 names a bucket's region in a header (301 from a wrong region)."""
     code = _CODE.search(body)
     message = _MESSAGE.search(body)
     error = {
         "Code": code.group(1).decode(errors="replace") if code else str(status),
         "Message": message.group(1).decode(errors="replace") if message else reason,
     }
+    region = (headers or {}).get("x-amz-bucket-region")
+    if region:
+        error["Region"] = region
     return ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
 
@@ -103,6 +119,6 @@ class HttpGetter:
         async with self.session.get(url, proxy=proxy, proxy_auth=proxy_auth) as response:
             body = await response.read()
             if response.status != 200:
-                raise client_error(response.status, body, response.reason or "")
+                raise client_error(response.status, body, response.reason or "", response.headers)
             return Fetched(body, response.content_length if response.content_length is not None else -1,
                            response.headers.get("ETag"))

@@ -378,11 +378,15 @@ class Job:
         key = (rank, epoch)
         positions = self._positions.get(key)
         if positions is None:
-            order = self.schedule_of(rank, epoch)
-            lists: dict[int, list[int]] = {}
-            for i, f in enumerate(order.tolist()):
-                lists.setdefault(self.substitute(f) if self.quarantined else f, []).append(i)
-            positions = {f: tuple(v) for f, v in lists.items()}
+            order = self.schedule_of(rank, epoch).tolist()
+            positions = {f: (i,) for i, f in enumerate(order)}   # one pass: epochs have 100k+ fields
+            if len(positions) < len(order):  # padded: some field twice
+                lists: dict[int, list[int]] = {}
+                for i, f in enumerate(order):
+                    lists.setdefault(f, []).append(i)
+                positions = {f: tuple(v) for f, v in lists.items()}
+            for q in self.quarantined:
+                _move_positions(positions, q, self.substitute(q))
             self._positions[key] = positions
         return positions
 
@@ -596,11 +600,23 @@ class Job:
 
     async def _fetch_channels(self, f) -> list[bytes]:
         etags = f.etags or (None,) * len(f.keys)
-        return list(await asyncio.gather(*(self.store.get(k, s, e or None) for k, s, e in zip(f.keys, f.sizes, etags))))
+        gets = [asyncio.ensure_future(self.store.get(k, s, e or None)) for k, s, e in zip(f.keys, f.sizes, etags)]
+        try:
+            return list(await asyncio.gather(*gets))
+        except BaseException:
+            for get in gets:  # one channel failed: its siblings stop retrying and give their GET slots back
+                get.cancel()
+            raise
 
     def _quarantine(self, f: int, reason: str) -> None:
         self.quarantined[f] = reason
-        self._positions.clear()  # its positions now belong to its substitute
+        try:
+            stand_in = self.substitute(f)
+        except PrefetchdError:
+            self._positions.clear()
+        else:  # its positions (and those of fields it stood in for) now belong to its substitute
+            for positions in self._positions.values():
+                _move_positions(positions, f, stand_in)
         log.error("quarantined field %s: %s", self.index.fields[f].id, reason)
 
     # ---- reporting -------------------------------------------------------------------------
@@ -642,6 +658,12 @@ class Job:
             "fill_s": self.pace.fill_s,
             "consume_fields_per_s": self.pace.rate_per_rank,
         }
+
+
+def _move_positions(positions: dict[int, tuple[int, ...]], f: int, to: int) -> None:
+    moved = positions.pop(f, None)
+    if moved:
+        positions[to] = tuple(sorted(positions.get(to, ()) + moved))
 
 
 class Horizon:

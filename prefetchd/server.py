@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefetchd import __version__
-from prefetchd.concurrency import AdaptiveConcurrency
+from prefetchd.concurrency import DEFAULT_MINIMUM, AdaptiveConcurrency
 from prefetchd.config import Config
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec, parse_dataset
@@ -78,7 +78,6 @@ class Server:
         s3 = config.tree["s3"]
         # GETs in flight, all jobs together: adapts to throughput and backs off on 503 SlowDown.
         self.limiter = make_limiter(s3)
-        self._retired_limiters: list[AdaptiveConcurrency] = []  # replaced by a reload; their counts still count
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(s3, config.cache_dir, float(config.get("index.wait_s")))
         self._stats_closed_jobs = {"fields_served": 0, "cache_hits": 0, "cache_misses": 0, "stall_s": 0.0}
@@ -215,8 +214,7 @@ class Server:
         s3_new = self.config.tree["s3"]
         if (int(s3_new["max_concurrency"]), s3_new.get("get_concurrency")) != \
                 (int(old["s3"]["max_concurrency"]), old["s3"].get("get_concurrency")):
-            self._retired_limiters.append(self.limiter)  # attached jobs keep theirs; new jobs get this one
-            self.limiter = make_limiter(s3_new)
+            self.limiter.set_bounds(*limiter_bounds(s3_new))  # one limiter: all jobs together, attached or new
         self.peers = PeerPolicy.from_config(self.config)
         log.info("reloaded config: changed %s", ", ".join(changed) or "nothing")
         if ignored:
@@ -471,27 +469,24 @@ class Server:
         }
 
     def _concurrency_status(self) -> dict[str, Any]:
-        """The current limiter's snapshot; throttles/decreases/increases cumulative since start (reloads
-        replace the limiter for new jobs, the counts of the replaced ones stay in)."""
-        snap = self.limiter.snapshot()
-        for old in self._retired_limiters:
-            for key in ("throttles", "decreases", "increases"):
-                snap[key] += getattr(old, key)
-        snap["adaptive"] = self.limiter.adaptive
-        return snap
+        """The limiter's snapshot; throttles/decreases/increases are cumulative since start."""
+        return {**self.limiter.snapshot(), "adaptive": self.limiter.adaptive}
 
     def _on_botocore_retry(self, response=None, **_) -> None:
         if response and response[1].get("Error", {}).get("Code") in THROTTLE_CODES:
-            self.counters.throttled += 1
             self.limiter.on_throttle()
 
 
-def make_limiter(s3: dict[str, Any]) -> AdaptiveConcurrency:
-    """The GET limiter for an `s3:` config block; `get_concurrency: fixed` pins it at max_concurrency."""
+def limiter_bounds(s3: dict[str, Any]) -> tuple[int, int]:
+    """(maximum, minimum) GETs in flight for an `s3:` block; `get_concurrency: fixed` pins the limit."""
     maximum = max(1, int(s3["max_concurrency"]))
-    if s3.get("get_concurrency", "adaptive") == "fixed":
-        return AdaptiveConcurrency(maximum, minimum=maximum)
-    return AdaptiveConcurrency(maximum)
+    return maximum, maximum if s3.get("get_concurrency", "adaptive") == "fixed" else min(DEFAULT_MINIMUM, maximum)
+
+
+def make_limiter(s3: dict[str, Any]) -> AdaptiveConcurrency:
+    """The GET limiter for an `s3:` config block."""
+    maximum, minimum = limiter_bounds(s3)
+    return AdaptiveConcurrency(maximum, minimum=minimum)
 
 
 def _reload_from_argv() -> Config:

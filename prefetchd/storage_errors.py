@@ -70,6 +70,10 @@ def _client_error(exc: ClientError, endpoint: str | None, bucket: str | None) ->
         return StorageError(f"bucket {bucket!r} does not exist at {at} (NoSuchBucket): fix bucket= in the "
                             f"dataset string, or {ENDPOINT_SETTINGS} if it lives on another endpoint",
                             code="no_such_bucket")
+    if code in ("PermanentRedirect", "301") or status == 301:
+        region = error.get("Region") or "the bucket's region"
+        return StorageError(f"{where} is not in s3.region at {at} ({code or status}): set s3.region={region}",
+                            code="wrong_region")
     if code in _BAD_CREDENTIALS:
         return StorageError(f"{at} rejected the credentials for {where} ({code}): fix AWS_ACCESS_KEY_ID/"
                             "AWS_SECRET_ACCESS_KEY/AWS_PROFILE, or set s3.unsigned=true for a public bucket",

@@ -23,12 +23,15 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-MODES = ("503", "500", "403", "404", "reset", "truncate", "stall", "corrupt")
+MODES = ("503", "500", "403", "404", "301", "reset", "truncate", "stall", "corrupt")
 _ERRORS = {
     "503": (b"503 Slow Down", b"SlowDown", b"Please reduce your request rate."),
     "500": (b"500 Internal Server Error", b"InternalError", b"We encountered an internal error. Please try again."),
     "403": (b"403 Forbidden", b"AccessDenied", b"Access Denied"),
     "404": (b"404 Not Found", b"NoSuchKey", b"The specified key does not exist."),
+    # what S3 answers a request sent to the wrong region's endpoint (no Location header: not followable)
+    "301": (b"301 Moved Permanently", b"PermanentRedirect", b"The bucket you are attempting to access must be "
+            b"addressed using the specified endpoint. Please send all future requests to this endpoint."),
 }
 
 
@@ -241,5 +244,6 @@ def _error_response(mode: str) -> bytes:
     status, code, message = _ERRORS[mode]
     body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>' + code + b"</Code><Message>" + message +
             b"</Message><RequestId>faultproxy</RequestId></Error>")
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\nx-amz-request-id: faultproxy\r\n"
+    region = b"x-amz-bucket-region: eu-west-1\r\n" if mode == "301" else b""
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\nx-amz-request-id: faultproxy\r\n" + region +
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)

@@ -335,22 +335,50 @@ def test_config_switch_and_server_limiter():
         Config.load(None, ["s3.get_concurrency=sometimes"])
 
 
-def test_server_status_and_reload_keep_counts():
+def test_server_status_and_reload_keep_one_limiter_for_every_job():
     from prefetchd.config import Config
     from prefetchd.server import Server
 
     async def main():
+        overrides = ["s3.max_concurrency=20"]
         config = Config.load(None, ["s3.max_concurrency=10"])
-        server = Server(config, reload=lambda: Config.load(None, ["s3.max_concurrency=20"]))
+        server = Server(config, reload=lambda: Config.load(None, overrides))
         try:
-            server.limiter.on_throttle()
+            limiter = server.limiter
+            server.reload_config()  # never throttled: the limit follows the new maximum
             c = server.status()["concurrency"]
-            assert (c["limit"], c["maximum"], c["throttles"], c["decreases"], c["adaptive"]) == (7, 10, 1, 1, True)
-            server.reload_config()  # new jobs get a fresh limiter with the new maximum; counts carry over
+            assert (c["limit"], c["maximum"]) == (20, 20)
+            limiter.on_throttle()
             c = server.status()["concurrency"]
-            assert (c["limit"], c["maximum"], c["throttles"], c["decreases"]) == (20, 20, 1, 1)
+            assert (c["limit"], c["maximum"], c["throttles"], c["decreases"], c["adaptive"]) == (14, 20, 1, 1, True)
+            overrides[:] = ["s3.max_concurrency=40"]
+            server.reload_config()  # throttled: the limit stays where S3 pushed it, counts carry on
+            c = server.status()["concurrency"]
+            assert (c["limit"], c["maximum"], c["throttles"], c["decreases"]) == (14, 40, 1, 1)
+            overrides[:] = ["s3.max_concurrency=8", "s3.get_concurrency=fixed"]
+            server.reload_config()
+            c = server.status()["concurrency"]
+            assert (c["limit"], c["maximum"], c["minimum"], c["adaptive"]) == (8, 8, 8, False)
+            assert server.limiter is limiter  # attached jobs hold it: one limit for all jobs
         finally:
             server.pool.shutdown(wait=False)
+    run(main())
+
+
+def test_a_probe_the_limit_never_reached_is_taken_back():
+    async def main():
+        clock = Clock()
+        lim = AdaptiveConcurrency(16, minimum=2, initial=6, clock=clock)
+        await fill(lim)
+        lim.on_success(10_000_000, 0.5)
+        clock.advance(1.0)
+        lim.on_success(0, 0.0)  # saturated window closes: probe one step up
+        assert lim.limit == 7
+        while lim.inflight > 1:  # demand drops: the new limit is never reached
+            await lim.__aexit__(None, None, None)
+        clock.advance(1.0)
+        lim.on_success(0, 0.0)
+        assert lim.limit == 6 and lim.snapshot()["increases"] == 1  # no ratchet without evidence
     run(main())
 
 

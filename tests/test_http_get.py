@@ -81,3 +81,26 @@ def test_the_proxy_comes_from_the_environment_like_botocore(monkeypatch):
     assert (str(proxy), auth.login) == ("http://proxy.internal:3128", "user")
     monkeypatch.setenv("NO_PROXY", ".amazonaws.com")
     assert proxy_for(bucket_url) == (None, None)
+
+
+def test_a_bucket_in_another_region_is_one_clear_error_not_retries(buckets):
+    """S3 answers a wrong-region request with 301 PermanentRedirect and the bucket's region in a header:
+    no retry helps, the message names the setting (both transports)."""
+    from faultproxy import FaultProxy
+
+    async def get(endpoint, http_transport):
+        cfg = {"endpoint_url": endpoint}
+        async with make_s3_client(cfg) as client, make_http_session(cfg, max_pool=4) as http:
+            store = S3Store(client, "httpget-pub", asyncio.Semaphore(4), FetchCounters(), retries=3,
+                            http=http if http_transport else None)
+            with pytest.raises(CorruptObjectError) as info:
+                await store.get(KEYS[0])
+            return info.value, store.counters.retries
+
+    with FaultProxy(upstream=buckets, seed=1) as proxy:
+        proxy.add_rule("301")
+        for http_transport in (True, False):
+            error, retries = asyncio.run(get(proxy.url, http_transport))
+            assert retries == 0, http_transport
+            assert error.code == "wrong_region" and "set s3.region=" in error.message, error.message
+        assert "s3.region=eu-west-1" in asyncio.run(get(proxy.url, True))[0].message

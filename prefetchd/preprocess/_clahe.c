@@ -212,8 +212,8 @@ static NOCONTRACT int column_weights(int W, int tw, int tiles_x, int **ind1, int
 EXPORT NOCONTRACT int prefetchd_clahe_interp(const uint16_t *src, ptrdiff_t sstride, uint16_t *dst, ptrdiff_t dstride,
                                              int y0, int y1, int W, int th, int tw, int tiles_x, int tiles_y,
                                              int bins, const uint16_t *lut16, const float *lutf) {
-    int *ind1, *ind2;
-    float *xa, *xa1;
+    int *ind1 = NULL, *ind2 = NULL;
+    float *xa = NULL, *xa1 = NULL;
     if (column_weights(W, tw, tiles_x, &ind1, &ind2, &xa, &xa1) != 0) {
         free(ind1); free(ind2); free(xa); free(xa1);
         return -1;
@@ -799,8 +799,8 @@ EXPORT NOCONTRACT int prefetchd_clahe_interp_u16(const uint16_t *src, ptrdiff_t 
                                                  int tiles_x, int tiles_y, const uint16_t *lut,
                                                  const int64_t *base, int64_t total, const int32_t *mins,
                                                  const int32_t *maxs) {
-    int *ind1, *ind2;
-    float *xa, *xa1;
+    int *ind1 = NULL, *ind2 = NULL;
+    float *xa = NULL, *xa1 = NULL;
     int *runs = (int *)malloc(sizeof(int) * 2 * ((size_t)W + 1));
     if (!runs || column_weights(W, tw, tiles_x, &ind1, &ind2, &xa, &xa1) != 0) {
         free(runs); free(ind1); free(ind2); free(xa); free(xa1);
@@ -862,7 +862,7 @@ EXPORT NOCONTRACT int prefetchd_clahe_interp_u16(const uint16_t *src, ptrdiff_t 
                 }
             }
             if (useq)
-                interleave_pass_avx2(lut + R1[a] + vlo, lut + R1[b] + vlo, lut + R2[a] + vlo, lut + R2[b] + vlo,
+                interleave_pass_avx2(lut + (R1[a] + vlo), lut + (R1[b] + vlo), lut + (R2[a] + vlo), lut + (R2[b] + vlo),
                                      range, Q);
 #else
             (void)mins; (void)maxs; (void)qcap;
