@@ -26,7 +26,8 @@ def row_for(system: str, run: dict) -> list[str]:
     mem = run.get("memory", {})
     return [
         system,
-        f"{fps(run):.2f}",
+        f"{fps(run):.2f}" + (" (" + " / ".join(f"{v:.1f}" for v in run["repeat_fps"]) + ")"
+                             if len(run.get("repeat_fps", [])) > 1 else ""),
         f"{np.mean([e['stall_share'] for e in eps]):.0%}",
         f"{np.mean([e.get('steady_stall_share', float('nan')) for e in eps]):.1%}",
         f"{run.get('ttfb_cold_s', float('nan')):.2f}",
@@ -305,7 +306,10 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         f"per-connection cap {p['conn_mbps'] or 'none'} MB/s, total cap {p['total_mbps'] or 'none'} MB/s.",
         f"- Regime **fits**: the first batch folder (half the fields), prefetchd cache {p['fits_cache']} fields. "
         f"Regime **large**: all fields, prefetchd cache {p['large_cache']} fields (N/C = {p['fields'] / p['large_cache']:.0f}). "
-        f"Batch size {p['batch_size']}, {p['epochs']} epochs, consumer as fast as possible unless a demand is given.",
+        f"Batch size {p['batch_size']}, {p['epochs']} epochs, consumer as fast as possible unless a demand is given."
+        + (f" In these two regimes every system runs {p['repeats']} times, interleaved (all systems, then all again); "
+           "the table shows its fastest run and, in brackets, every run's fields/s: a shared machine only ever slows "
+           "a run down, and the spread shows how much." if p.get("repeats", 1) > 1 else ""),
         "- Baselines (`bench/baselines/jump_guide.py`): DataLoader(num_workers=8, prefetch_factor=2, persistent workers), "
         "per-worker boto3 UNSIGNED client and LRU of 1,000 processed images; `baseline-u16` = IMREAD_UNCHANGED + OpenCV "
         "uint16 CLAHE (same pixels as `prefetchd-opencv`), `baseline-guide` = the guide as written (default imdecode "

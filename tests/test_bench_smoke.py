@@ -81,7 +81,7 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
     plan = Plan(fields=8, size=64, small_size=32, batch_size=2, epochs=1, fits_cache=8, large_cache=6,
                 latency_ms=5.0, systems=("baseline-u16", "prefetchd-opencv"), stall_systems=(),
                 small_variant=False, profile=False, regimes=("large",),
-                trainer_systems=("prefetchd-opencv", "baseline-u16"), trainer_epochs=1)
+                trainer_systems=("prefetchd-opencv", "baseline-u16"), trainer_epochs=1, repeats=2)
     args = argparse.Namespace(data_dir=str(tmp_path / "data"), server="seaweedfs", json=str(tmp_path / "r.json"),
                               markdown=str(tmp_path / "BENCH.md"), quick=True)
     assert run_all(plan, args) == 0
@@ -95,6 +95,7 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
         for system in plan.systems:
             run = results["runs"][regime][system]
             assert "error" not in run, run
+            assert len(run["repeat_fps"]) == 2 and max(run["repeat_fps"]) == pytest.approx(run["epochs"][0]["fields_per_s"], rel=0.05)
             ep = run["epochs"][0]
             assert ep["fields"] == run["n_fields"] > 0
             assert ep["fields_per_s"] > 0 and ep["cpu_s"] > 0 and ep["proxy_requests"] > 0
