@@ -426,13 +426,14 @@ class Job:
         state.replied_at = time.monotonic()
         self.pace.consumed(rank, len(mapped))
         self._wake.set()
+        ids = self.index.ids  # a list built per access when the index holds Field objects
         return {
             "ok": True,
             "end": False,
             "epoch": epoch,
             "batch": batch,
             "slots": slots,
-            "ids": [self.index.ids[f] for f in mapped],
+            "ids": [ids[f] for f in mapped],
             "generations": [int(self.arena.table["generation"][s]) for s in slots],
             "waited_s": waited,
         }
