@@ -49,7 +49,7 @@ async def cpu_per_get(store: S3Store, key: str, gets: int, concurrency: int) -> 
 
 async def measure(endpoint: str, sizes: list[int], gets: int, concurrency: int, rounds: int) -> None:
     cfg = {"endpoint_url": endpoint, "unsigned": True, "max_concurrency": concurrency}
-    async with make_s3_client(cfg) as client, make_http_session(cfg, max_pool=concurrency) as http:
+    async with make_s3_client(cfg) as client, make_http_session(cfg) as http:
         semaphore = asyncio.Semaphore(concurrency)
         stores = {
             "aiobotocore": S3Store(client, BUCKET, semaphore, FetchCounters(), verify_md5=False),

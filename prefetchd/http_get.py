@@ -42,7 +42,7 @@ class Fetched:
 
 
 @contextlib.asynccontextmanager
-async def make_http_session(s3: dict[str, Any], *, max_pool: int) -> AsyncIterator[aiohttp.ClientSession]:
+async def make_http_session(s3: dict[str, Any]) -> AsyncIterator[aiohttp.ClientSession]:
     """A connection pool for direct GETs with the `s3:` block's timeouts (proxies: see `HttpGetter`)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=float(s3.get("connect_timeout_s", 5.0)),
                                     sock_read=float(s3.get("read_timeout_s", 30.0)))

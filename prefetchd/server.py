@@ -102,8 +102,7 @@ class Server:
         # Throttles botocore retries on its own (signed GETs) still lower the GET limit.
         self.s3client.meta.events.register("needs-retry.s3.GetObject", self._on_botocore_retry)
         if s3.get("unsigned", True) and s3.get("get_transport", "auto") == "auto":
-            self.http = await self._stack.enter_async_context(
-                make_http_session(s3, max_pool=int(s3["max_concurrency"])))
+            self.http = await self._stack.enter_async_context(make_http_session(s3))
         await self._bind()
         await self._start_metrics()
         endpoint = resolve_endpoint(s3.get("endpoint_url")) or "AWS S3"

@@ -32,7 +32,7 @@ def buckets(s3):
 
 async def _outcomes(endpoint: str, http_transport: bool) -> list:
     cfg = {"endpoint_url": endpoint}
-    async with make_s3_client(cfg) as client, make_http_session(cfg, max_pool=4) as http:
+    async with make_s3_client(cfg) as client, make_http_session(cfg) as http:
         out = []
         for bucket, key in [("httpget-pub", k) for k in KEYS] + [
                 ("httpget-pub", "missing.tiff"), ("httpget-priv", "k.tiff"), ("httpget-nobucket", "k.tiff")]:
@@ -90,7 +90,7 @@ def test_a_bucket_in_another_region_is_one_clear_error_not_retries(buckets):
 
     async def get(endpoint, http_transport):
         cfg = {"endpoint_url": endpoint}
-        async with make_s3_client(cfg) as client, make_http_session(cfg, max_pool=4) as http:
+        async with make_s3_client(cfg) as client, make_http_session(cfg) as http:
             store = S3Store(client, "httpget-pub", asyncio.Semaphore(4), FetchCounters(), retries=3,
                             http=http if http_transport else None)
             with pytest.raises(CorruptObjectError) as info:
