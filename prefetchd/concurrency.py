@@ -1,7 +1,7 @@
 """How many GETs may be in flight: a limit that follows throughput and backs off when S3 throttles.
 
 `AdaptiveConcurrency` replaces a plain `asyncio.Semaphore(s3.max_concurrency)`: the stores still do
-`async with limiter:` around each GET, and report what happened with `on_success(nbytes, seconds)` or
+`async with limiter:` around each GET, and report what happened with `on_success(nbytes)` or
 `on_throttle()` (503 SlowDown, 429, RequestLimitExceeded, ThrottlingException).
 
 Control law (AIMD with hill climbing), evaluated on windows of `window_s` seconds of the injected clock.
@@ -117,9 +117,8 @@ class AdaptiveConcurrency:
 
     # ---- feedback -----------------------------------------------------------------------------
 
-    def on_success(self, nbytes: int, seconds: float) -> None:
-        """A GET completed with `nbytes` in `seconds` of wall time. Throughput is measured on the
-        aggregate (bytes per window), so `seconds` is not part of the control law."""
+    def on_success(self, nbytes: int) -> None:
+        """A GET completed with `nbytes`; throughput is measured on the aggregate (bytes per window)."""
         self._roll()
         self._window_bytes += max(0, int(nbytes))
 

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -123,7 +122,6 @@ class S3Store:
         async with self.semaphore:
             self.counters.inflight += 1
             self.counters.gets += 1
-            started = time.monotonic()
             try:
                 fetched = await (self.http.get(key) if self.http else self._botocore_get(key))
             finally:
@@ -134,7 +132,7 @@ class S3Store:
         if self.verify_md5:
             # hashlib releases the GIL on large inputs: 12.8 MB per field is ~15 ms of CPU, off the loop.
             await asyncio.to_thread(_check_md5, data, expected_etag or fetched.etag)
-        _limiter_call(self.semaphore, "on_success", len(data), time.monotonic() - started)
+        _limiter_call(self.semaphore, "on_success", len(data))
         self.counters.add_bytes(len(data))
         return data
 

@@ -49,7 +49,7 @@ import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -533,10 +533,12 @@ class Job:
         yield from min_evictions(residents, slots, horizon.references(), horizon.next_use, horizon.next_use_after,
                                  max_steps=4 * slots + 64)
 
-    def _next_batches(self) -> set[int]:
-        """The fields of the batch each live rank consumes next (or is waiting for): never evicted by a prefetch."""
+    def _next_batches(self, ranks: Iterable[RankState] | None = None) -> set[int]:
+        """The fields of the batch each live rank (or each of `ranks`) consumes next or is waiting for: never
+        evicted by a prefetch."""
+        live = ranks if ranks is not None else (r for r in self.ranks.values() if not r.detached)
         b = self.spec.batch_size
-        return {self.substitute(f) for r in self.ranks.values() if not r.detached for f in self._window(r, b)}
+        return {self.substitute(f) for r in live for f in self._window(r, b)}
 
     def _guarded(self) -> set[int]:
         """The next batch of every rank that keeps a batch longer than a fill takes (`think_s > fill_s`): such a
@@ -546,9 +548,7 @@ class Job:
         fill_s = self.pace.fill_s
         if self.spec.prefetch_factor < 1 or fill_s <= 0:
             return set()
-        b = self.spec.batch_size
-        return {self.substitute(f) for r in self.ranks.values()
-                if not r.detached and r.think_s > fill_s for f in self._window(r, b)}
+        return self._next_batches(r for r in self.ranks.values() if not r.detached and r.think_s > fill_s)
 
     def _start_fill(self, f: int, slot: int, blobs: list[bytes] | None = None) -> asyncio.Future:
         self.cache.begin_fill(f, slot)

@@ -197,10 +197,10 @@ def test_limit_climbs_while_saturated_throughput_grows_and_stops_at_the_maximum(
         nbytes = 10_000_000
         for _ in range(8):
             await fill(lim)
-            lim.on_success(nbytes, 0.5)
+            lim.on_success(nbytes)
             nbytes = int(nbytes * 1.2)  # each step up pays: +20 % throughput
             clock.advance(1.0)
-            lim.on_success(0, 0.0)  # the next event closes the window
+            lim.on_success(0)  # the next event closes the window
             limits.append(lim.limit)
         assert limits == [5, 6, 7, 8, 8, 8, 8, 8]
         assert lim.snapshot()["increases"] == 4
@@ -214,9 +214,9 @@ def test_a_step_up_that_does_not_pay_is_undone_then_probed_again_later():
         limits = []
         for _ in range(7):
             await fill(lim)
-            lim.on_success(50_000_000, 0.5)  # flat: the link is the bottleneck, not the limit
+            lim.on_success(50_000_000)  # flat: the link is the bottleneck, not the limit
             clock.advance(1.0)
-            lim.on_success(0, 0.0)
+            lim.on_success(0)
             limits.append(lim.limit)
             while lim.inflight > lim.limit:  # a step back: in-flight GETs finish
                 await lim.__aexit__(None, None, None)
@@ -233,10 +233,10 @@ def test_no_increase_when_the_limit_is_not_what_bounds_throughput():
         await lim.__aenter__()  # 1 of 4 slots used: demand, not the limit, sets the pace
         nbytes = 1_000_000
         for _ in range(6):
-            lim.on_success(nbytes, 0.1)
+            lim.on_success(nbytes)
             nbytes *= 2
             clock.advance(1.0)
-        lim.on_success(0, 0.0)
+        lim.on_success(0)
         assert lim.limit == 4 and lim.snapshot()["increases"] == 0
     run(main())
 
@@ -254,10 +254,10 @@ def test_after_a_throttle_it_holds_then_climbs_back_while_that_pays():
         nbytes = 10_000_000
         for _ in range(8):
             await fill(lim)
-            lim.on_success(nbytes, 0.5)
+            lim.on_success(nbytes)
             nbytes = int(nbytes * 1.1)
             clock.advance(1.0)
-            lim.on_success(0, 0.0)
+            lim.on_success(0)
             limits.append(lim.limit)
         # the throttled window closes, HOLD_WINDOWS windows hold, then one step per window up to the maximum
         assert limits == [7, 7, 7, 7, 8, 9, 10, 10]
@@ -271,9 +271,9 @@ def test_an_increase_wakes_waiters():
         await fill(lim)
         waiter = asyncio.create_task(lim.__aenter__())
         await settle()
-        lim.on_success(1_000_000, 0.1)
+        lim.on_success(1_000_000)
         clock.advance(1.0)
-        lim.on_success(0, 0.0)  # saturated window closes: probe one step up
+        lim.on_success(0)  # saturated window closes: probe one step up
         assert lim.limit == 3
         await settle()
         assert waiter.done() and lim.inflight == 3
@@ -288,7 +288,7 @@ def test_fixed_when_minimum_equals_maximum():
         for _ in range(5):
             await fill(lim)
             lim.on_throttle()
-            lim.on_success(10_000_000, 0.1)
+            lim.on_success(10_000_000)
             clock.advance(1.0)
         assert lim.limit == 8
         snap = lim.snapshot()
@@ -306,14 +306,14 @@ def test_bounds_are_sane_for_tiny_maxima():
 def test_snapshot_reports_every_field():
     clock = Clock()
     lim = AdaptiveConcurrency(12, minimum=3, clock=clock)
-    lim.on_success(4_000_000, 0.2)
+    lim.on_success(4_000_000)
     clock.advance(2.0)
     snap = lim.snapshot()
     assert set(snap) == {"limit", "maximum", "minimum", "inflight", "throttles", "decreases", "increases",
                          "throughput_mb_s"}
     assert (snap["limit"], snap["maximum"], snap["minimum"], snap["inflight"]) == (12, 12, 3, 0)
     assert snap["throughput_mb_s"] == pytest.approx(2.0)  # 4 MB over the 2 s since the window opened
-    lim.on_success(0, 0.0)  # closes that window
+    lim.on_success(0)  # closes that window
     assert lim.snapshot()["throughput_mb_s"] == pytest.approx(2.0)
 
 
@@ -370,14 +370,14 @@ def test_a_probe_the_limit_never_reached_is_taken_back():
         clock = Clock()
         lim = AdaptiveConcurrency(16, minimum=2, initial=6, clock=clock)
         await fill(lim)
-        lim.on_success(10_000_000, 0.5)
+        lim.on_success(10_000_000)
         clock.advance(1.0)
-        lim.on_success(0, 0.0)  # saturated window closes: probe one step up
+        lim.on_success(0)  # saturated window closes: probe one step up
         assert lim.limit == 7
         while lim.inflight > 1:  # demand drops: the new limit is never reached
             await lim.__aexit__(None, None, None)
         clock.advance(1.0)
-        lim.on_success(0, 0.0)
+        lim.on_success(0)
         assert lim.limit == 6 and lim.snapshot()["increases"] == 1  # no ratchet without evidence
     run(main())
 
