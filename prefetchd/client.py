@@ -76,6 +76,7 @@ class Stream:
             yield self.next(epoch, index)
 
     def next(self, epoch: int, index: int) -> Batch:
+        self._ensure_connected()
         try:
             reply = self._conn.request("next", epoch=epoch, batch=index)
         except PrefetchdError as exc:
@@ -89,18 +90,29 @@ class Stream:
         images = self._view.images(reply["slots"])
         return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0))
 
+    def _ensure_connected(self) -> None:
+        """A request that timed out broke its connection (a late reply would answer the wrong request):
+        the next call attaches again on a new one and resumes where the rank was."""
+        if self._conn.broken and self._attach_request is not None:
+            self._reattach()
+
     def _reattach(self) -> None:
-        """The daemon went away (restart, crash): wait for it, attach again, keep our place.
+        """The daemon went away (restart, crash) or timed out: wait for it, attach again, keep our place.
 
         Batches are requested by (epoch, index), so the retried request returns exactly the batch that was
-        interrupted: nothing is lost or duplicated.
+        interrupted: nothing is lost or duplicated. While the daemon stays unresponsive each attempt ends
+        with `DaemonTimeout` after the stream's `timeout`, as any call would.
         """
-        socket_path = self._conn.path
+        socket_path, timed_out = self._conn.path, self._conn.timed_out
         self._conn.close()
+        self._conn.broken = self._conn.broken or f"the connection to {socket_path} was lost"
         self._view.close()
         deadline = time.monotonic() + self.reconnect_timeout_s
-        log.warning("prefetchd daemon at %s went away; waiting up to %.0f s for it to come back",
-                    socket_path, self.reconnect_timeout_s)
+        if timed_out:
+            log.warning("reconnecting to the prefetchd daemon at %s after a timeout", socket_path)
+        else:
+            log.warning("prefetchd daemon at %s went away; waiting up to %.0f s for it to come back",
+                        socket_path, self.reconnect_timeout_s)
         while True:
             try:
                 conn = ControlConnection(socket_path, timeout=self._timeout)
@@ -111,7 +123,8 @@ class Stream:
                     raise
                 break
             except PrefetchdError as exc:
-                if not (isinstance(exc, DaemonNotRunning) or exc.code in ("stopping", "index_building")):
+                # rank_taken: the daemon has not yet seen our previous connection close
+                if not (isinstance(exc, DaemonNotRunning) or exc.code in ("stopping", "index_building", "rank_taken")):
                     raise
                 if time.monotonic() > deadline:
                     raise DaemonNotRunning(
@@ -126,6 +139,7 @@ class Stream:
         log.warning("reattached to prefetchd job %s", self.job)
 
     def status(self) -> dict[str, Any]:
+        self._ensure_connected()
         return self._conn.request("status")
 
     def get_state(self) -> dict[str, Any]:
@@ -137,7 +151,8 @@ class Stream:
             return
         self.closed = True
         try:
-            self._conn.request("detach")
+            if not self._conn.broken:
+                self._conn.request("detach")
         except Exception:
             pass  # the daemon may already be gone; it reclaims leases on disconnect anyway
         self._view.close()

@@ -51,6 +51,12 @@ class DaemonNotRunning(PrefetchdError):
     code = "no_daemon"
 
 
+class DaemonTimeout(PrefetchdError):
+    """The daemon did not answer within the client's timeout (paused, hung or overloaded)."""
+
+    code = "timeout"
+
+
 class CorruptObjectError(PrefetchdError):
     """An object that downloaded but cannot be decoded (truncated, not a TIFF, wrong shape)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import textwrap
@@ -84,9 +83,9 @@ def test_sigkilled_daemon_leaves_a_segment_that_the_restarted_daemon_reaps(daemo
         assert f"prefetchd-{ORPHAN}" in shm_segments() and sock.exists()  # what a crash leaves behind
         second = _serve(sock, workdir, s3)  # same socket path: the stale socket file is replaced
         try:
+            # Reaped at startup. Every daemon reaps the arenas of dead daemons when it starts, so on a shared
+            # machine another test run's daemon may have been first (then ours has nothing left to log).
             assert f"prefetchd-{ORPHAN}" not in shm_segments()
-            assert re.search(rf"removed \d+ shared-memory segment\(s\) left by a dead daemon: .*prefetchd-{ORPHAN}",
-                             second.log)
             assert request("status", sock)["pid"] == second.proc.pid
             with attach(synthetic.dataset, batch_size=2, socket=sock, job=ORPHAN, cache_size=8,
                         illum=False, clahe=False, rescale=False) as again:
