@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
+from prefetchd.dataset import absolute_local_root, unseen_local_root_hint
 from prefetchd.errors import DaemonNotRunning, PrefetchdError
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
@@ -185,6 +186,7 @@ def attach(
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
     prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values."""
     options = {k: v for k, v in options.items() if v is not None}
+    dataset = absolute_local_root(dataset)
     if job is None:
         job = default_job_id(dataset, batch_size, seed, world_size, options)
     if local_world_size is None:
@@ -194,8 +196,11 @@ def attach(
     conn = ControlConnection(socket, timeout=timeout)
     try:
         reply = conn.request("attach", **request)
-    except BaseException:
+    except BaseException as exc:
         conn.close()
+        hint = unseen_local_root_hint(dataset) if getattr(exc, "code", None) == "no_root" else None
+        if hint:
+            raise type(exc)(hint, code=exc.code) from None
         raise
     return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 

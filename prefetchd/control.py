@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetchd.config import resolve_socket
-from prefetchd.errors import DaemonNotRunning, DaemonTimeout, PrefetchdError, error_from_reply
+from prefetchd.errors import DaemonNotRunning, DaemonTimeout, ProtocolError, error_from_reply
 from prefetchd.protocol import MAX_LINE, encode
 
 REPLY_LIMIT = MAX_LINE * 16        # bytes in one reply line (status of many jobs is the largest)
@@ -68,8 +68,8 @@ class ControlConnection:
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         if self.broken:
-            raise PrefetchdError(f"{self.broken}; this connection cannot be used again, attach again",
-                                 code="connection_broken")
+            raise (DaemonTimeout if self.timed_out else DaemonNotRunning)(
+                f"{self.broken}; this connection cannot be used again, open a new one")
         try:
             self.sock.sendall(encode({"op": op, **fields}))
             line = self._file.readline(REPLY_LIMIT)
@@ -86,8 +86,8 @@ class ControlConnection:
             reply = json.loads(line)
         except ValueError:
             self.broken = f"the daemon at {self.path} sent a malformed reply to {op!r}"
-            raise PrefetchdError(f"{self.broken} ({len(line)} bytes); is something else listening on that "
-                                 "socket? check `prefetchd status --socket ...`", code="bad_reply") from None
+            raise ProtocolError(f"{self.broken} ({len(line)} bytes); is something else listening on that "
+                                "socket? check `prefetchd status --socket ...`") from None
         if not reply.get("ok"):
             raise error_from_reply(reply)
         return reply

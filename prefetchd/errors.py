@@ -54,7 +54,7 @@ class DaemonNotRunning(PrefetchdError):
 class DaemonTimeout(PrefetchdError):
     """The daemon did not answer within the client's timeout (paused, hung or overloaded)."""
 
-    code = "timeout"
+    code = "daemon_timeout"
 
 
 class CorruptObjectError(PrefetchdError):
