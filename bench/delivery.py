@@ -48,6 +48,11 @@ def read_signature(channel: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) - SIGNATURE_OFFSET for v in np.asarray(channel)[0, :SIGNATURE_LENGTH])
 
 
+def signatures(pixels: np.ndarray) -> list[tuple[int, ...]]:
+    """The signature of every channel of one delivered field (C×H×W)."""
+    return [read_signature(channel) for channel in pixels]
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a delivered field is, read from its pixels. `field` is None when the pixels match no source field."""
@@ -118,11 +123,13 @@ class SourceFields:
         corrected = np.rint(image.astype(np.float32) / illum)     # float32, half to even, as documented
         return np.clip(corrected, 0, 65535).astype(np.uint16)
 
-    def signature_id(self, pixels: np.ndarray) -> str | None:
-        """The field id the row-0 signatures of a raw field spell, if every channel agrees and is in order."""
+    def signature_id(self, signatures: Sequence[Sequence[int]]) -> str | None:
+        """The field id that the row-0 signatures of a raw field's channels spell (see `signatures`), if every
+        channel agrees and is the channel expected at its position; None otherwise."""
+        if len(signatures) != len(self.channels):
+            return None
         ids = set()
-        for c, name in enumerate(self.channels):
-            code, row, col, site, channel = read_signature(pixels[c])
+        for name, (code, row, col, site, channel) in zip(self.channels, signatures):
             plate = self._plate_by_code.get(code)
             if plate is None or channel != PHENIX_CHANNELS[name] or not (1 <= row <= 16 and 1 <= col <= 24):
                 return None
@@ -131,10 +138,15 @@ class SourceFields:
 
     def identify(self, pixels: np.ndarray) -> Identity:
         """Who these delivered pixels (C×H×W) are: by content digest, and for raw fields by signature too."""
-        found = self.by_digest.get(digest(pixels))
+        return self.identify_received(digest(pixels), signatures(pixels) if self.raw else None)
+
+    def identify_received(self, content_digest: str, channel_signatures: Sequence[Sequence[int]] | None) -> Identity:
+        """The same from what a consumer recorded about the pixels it received (`digest`, `signatures`)."""
+        found = self.by_digest.get(content_digest)
         if not self.raw:
             return Identity(found)
-        return Identity(found, self.signature_id(pixels), signed=True)
+        sig = self.signature_id(channel_signatures) if channel_signatures is not None else None
+        return Identity(found, sig, signed=True)
 
     def first_difference(self, field_id: str, pixels: np.ndarray) -> str:
         """For a failure message: where delivered pixels differ from the source field `field_id`."""

@@ -137,3 +137,56 @@ def test_a_connect_storm_gets_answers_or_one_line_errors(daemon):
     assert not raw, raw[:3]
     assert len(outcomes) == clients and outcomes.count(True) == clients, sorted(set(map(str, outcomes)))
     assert request("ping", d.socket)["ok"]
+
+
+HOLDER = """
+import sys
+from prefetchd.client import attach
+s = attach(sys.argv[2], batch_size=4, socket=sys.argv[1], job=sys.argv[3], cache_size=12, prefetch_factor=1,
+           illum=False, clahe=False, rescale=False)
+s.next(0, 0)
+print("READY", flush=True)
+s.next(0, 5)  # every GET stalls now: waits here until killed
+"""
+
+
+def test_a_trainer_restarted_at_once_gets_its_rank_back(daemon, synthetic, s3):
+    """torchrun restarts a killed worker within seconds; the daemon may not have noticed the old connection
+    go (it was waiting inside `next` for that rank), so the new attach waits for the rank instead of failing."""
+    from faultproxy import FaultProxy
+
+    from conftest import _daemon_env
+
+    with FaultProxy(upstream=s3.endpoint_url, seed=5) as proxy:
+        d = daemon("s3.read_timeout_s=3", endpoint_url=proxy.url)
+        job = f"restarted-{os.getpid()}"
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d.socket), synthetic.dataset, job],
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=_daemon_env(None))
+        try:
+            assert holder.stdout.readline().strip() == "READY"
+            proxy.add_rule("stall", stall_s=30)
+            wait_until(lambda: request("status", d.socket)["inflight_requests"] > 0, 30, "a GET to stall")
+            holder.kill()
+            holder.wait(timeout=30)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+            holder.stdout.close()
+        proxy.clear()
+        with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=job, cache_size=12, prefetch_factor=1,
+                    **RAW) as stream:
+            source = SourceFields(synthetic.manifest, DEFAULT_CHANNELS)
+            batch = stream.next(0, 5)
+            assert [source.identify(f).field for f in batch.images] == batch.ids
+
+
+def test_two_live_processes_with_the_same_rank_still_get_rank_taken(daemon, synthetic, monkeypatch):
+    import prefetchd.client
+
+    monkeypatch.setattr(prefetchd.client, "RANK_RELEASE_WAIT_S", 1.0)
+    d = daemon()
+    opts = dict(batch_size=2, socket=d.socket, job=f"twice-{os.getpid()}", cache_size=12, **RAW)
+    with attach(synthetic.dataset, **opts):
+        with pytest.raises(PrefetchdError, match="rank 0 of job twice-.* is already attached") as info:
+            attach(synthetic.dataset, **opts)
+        assert info.value.code == "rank_taken"
