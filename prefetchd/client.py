@@ -194,7 +194,7 @@ def attach(
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    local_world_size=local_world_size, job=job, options=options)
-    released_by = time.monotonic() + RANK_RELEASE_WAIT_S
+    released_by, waiting = time.monotonic() + RANK_RELEASE_WAIT_S, False
     while True:
         conn = ControlConnection(socket, timeout=timeout)
         try:
@@ -206,8 +206,11 @@ def attach(
             if code == "rank_taken" and time.monotonic() < released_by:
                 # A restarted process (torchrun restarts a failed worker at once) can be faster than the
                 # daemon in noticing that its predecessor's connection is gone: wait for the rank, bounded.
-                log.warning("rank %d of job %s is still held by a previous connection; waiting for it", rank, job)
-                time.sleep(0.2)
+                if not waiting:
+                    log.warning("rank %d of job %s is still held by a previous connection; waiting up to %.0f s",
+                                rank, job, RANK_RELEASE_WAIT_S)
+                    waiting = True
+                time.sleep(0.2)  # polling for the rank to be released, bounded by released_by
                 continue
             hint = unseen_local_root_hint(dataset) if code == "no_root" else None
             if hint:

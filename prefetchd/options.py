@@ -18,7 +18,7 @@ ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_fac
 MAX_WORLD_SIZE = 1 << 16          # ranks in one training run
 MAX_LOCAL_WORLD_SIZE = 1024       # ranks of one job on this node
 MAX_BATCH_SIZE = 1 << 16          # fields per batch per rank
-MAX_CACHE_SIZE = 1 << 24          # slots; the shared-memory budget usually binds far earlier
+MAX_CACHE_SIZE = (1 << 31) - 1    # slots; the shared-memory budget (checked before allocating) binds far earlier
 MAX_PREFETCH_FACTOR = 1024        # batches ahead per rank
 
 

@@ -52,7 +52,7 @@ def assert_one_line_refusal(reply: dict, *needles: str) -> None:
     ({"clahe": {"tile_grid": 32, "bins": 65536}}, ["lower tile_grid (at most 16 with 65536 bins)"]),
     ({"channels": 123}, ["channels must be a list of channel names", "accepted channels: Mito"]),
     ({"channels": {"DNA": 1}}, ["channels must be a list of channel names"]),
-    ({"cache_size": 10**18}, ["cache_size must be an integer >= 1 and <= 16777216"]),
+    ({"cache_size": 10**18}, ["cache_size must be an integer >= 1 and <= 2147483647"]),
     ({"prefetch_factor": 10**9}, ["prefetch_factor must be an integer >= 0 and <= 1024"]),
 ], ids=["clip-1e308", "tiles-1000", "tables-too-large", "channels-int", "channels-dict", "cache-1e18", "prefetch-1e9"])
 def test_unbounded_options_are_refused_at_attach_with_one_line(daemon, synthetic, options, needles):
