@@ -186,6 +186,9 @@ class Trainer:
     proc: subprocess.Popen | None = None
     starts: int = 0
     kills: int = 0
+    _seen_bytes: int = 0
+    _seen_lines: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -207,7 +210,17 @@ class Trainer:
         self.kills += 1
 
     def batches(self) -> int:
-        return len(read_records(self.record))
+        """Record lines so far (cheap: reads only what was appended since the last call)."""
+        with self._lock:  # the sampler thread counts too
+            try:
+                with open(self.record, "rb") as f:
+                    f.seek(self._seen_bytes)
+                    appended = f.read()
+            except FileNotFoundError:
+                return 0
+            self._seen_bytes += len(appended)
+            self._seen_lines += appended.count(b"\n")
+            return self._seen_lines
 
     def failure(self) -> str | None:
         """Why this trainer died on its own (a soak failure), if it did."""
