@@ -195,3 +195,41 @@ def test_local_data_under_home_that_a_sandboxed_daemon_cannot_see_is_one_line_wi
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     assert problem is None, problem
+
+
+# ---- job ids and shared-memory names --------------------------------------------------------------------
+
+
+def test_distinct_job_ids_never_share_a_segment_name():
+    from prefetchd.shm.arena import arena_name
+
+    assert arena_name("exiting-1234") == "prefetchd-exiting-1234"       # clean ids keep their readable name
+    names = {arena_name(job) for job in ("team/run1", "team_run1", "team:run1", "team run1", "x" * 300, "x" * 301)}
+    assert len(names) == 6
+    assert all(len(n) <= 255 and "/" not in n for n in names)
+
+
+def test_jobs_whose_ids_sanitise_alike_run_side_by_side(daemon, synthetic):
+    d = daemon()
+    source = SourceFields(synthetic.manifest, DEFAULT_CHANNELS)
+    streams = [attach(synthetic.dataset, batch_size=4, socket=d.socket, job=job, cache_size=12, **RAW)
+               for job in (f"team/{d.proc.pid}", f"team_{d.proc.pid}")]
+    try:
+        assert streams[0].layout.name != streams[1].layout.name
+        for stream in streams:
+            batch = stream.next(0, 0)
+            assert [source.identify(f).field for f in batch.images] == batch.ids
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_a_job_id_taken_on_another_daemon_never_suggests_deleting_its_arena(daemon, synthetic):
+    first, second = daemon(), daemon()
+    job = f"shared-{uuid.uuid4().hex[:8]}"
+    with attach(synthetic.dataset, batch_size=2, socket=first.socket, job=job, cache_size=12, **RAW):
+        with pytest.raises(PrefetchdError) as info:
+            attach(synthetic.dataset, batch_size=2, socket=second.socket, job=job, cache_size=12, **RAW)
+        message = str(info.value)
+        assert f"belongs to a job of another running prefetchd daemon (pid {first.proc.pid})" in message
+        assert "different job id" in message and "rm " not in message
