@@ -296,7 +296,7 @@ class Soak:
         self.daemon: DaemonProcess | None = None
         self.daemon_starts: list[float] = []
         self.trainers: list[Trainer] = []
-        self.counters_before_kill: list[dict] = []
+        self.daemon_counters: list[dict] = []   # each daemon's status at its end
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     "PYTHONUNBUFFERED": "1"}
 
@@ -356,15 +356,13 @@ class Soak:
             if n % (plan.world_size * BATCH):
                 raise SystemExit(f"--fields {n}: the field count must be a multiple of {plan.world_size * BATCH}")
         bad = {manifest.fields[1].id: "404", manifest.fields[n // 2 + 1].id: "corrupt"}
+        bad_keys = {manifest.field_by_id(f).keys[PHENIX_CHANNELS["ER"]]: mode for f, mode in bad.items()}
         print(f"soak: {n} fields of 5 × {self.size}² uint16, {self.minutes:g} min, fault rate {self.fault_rate:g}; "
               f"decoding the source independently ...", flush=True)
         sources = {plan.name: SourceFields(manifest, DEFAULT_CHANNELS, plan.preprocessing) for plan in plans}
-        duration = self.minutes * 60
         with LocalS3() as s3, FaultProxy(upstream=s3.endpoint_url, seed=self.seed) as proxy:
             synth.upload(manifest, s3.endpoint_url, "soak")
-            dataset = f"JUMPS3MultiView:bucket=soak:prefix={spec.prefix}"
-            for field_id, mode in bad.items():  # first rules: these objects are always bad
-                key = manifest.field_by_id(field_id).keys[PHENIX_CHANNELS["ER"]]
+            for key, mode in bad_keys.items():  # first rules: these objects are always bad
                 proxy.add_rule(mode, match=key)
             for mode in RANDOM_FAULTS:
                 proxy.add_rule(mode, probability=self.fault_rate / len(RANDOM_FAULTS), stall_s=STALL_S)
@@ -374,58 +372,69 @@ class Soak:
             self.t0 = time.monotonic()
             self.start_daemon(sock, overrides)
             self.note(f"daemon started (pid {self.daemon.proc.pid})")
-            stop_file = self.work / "stop"
-            for plan in plans:
-                for rank in range(plan.world_size):
-                    trainer_spec = {"dataset": dataset, "seed": self.seed, "rank": rank, "world_size": plan.world_size,
-                                    "socket": str(sock), "job": f"soak-{plan.name}-{os.getpid()}",
-                                    "options": {**plan.options, "cache_size": plan.cache_size},
-                                    "batches_per_epoch": n // plan.world_size // BATCH, "raw": plan.preprocessing is None,
-                                    "record": str(self.work / f"{plan.name}-rank{rank}.jsonl"), "stop": str(stop_file),
-                                    "peer_records": [str(self.work / f"{plan.name}-rank{r}.jsonl")
-                                                     for r in range(plan.world_size)]}
-                    self.trainers.append(Trainer(plan, rank, trainer_spec, self.work / f"{plan.name}-rank{rank}.log"))
-            for t in self.trainers:
-                t.start({**self.env, "LOCAL_WORLD_SIZE": str(t.plan.world_size)})
-            sampler = Sampler(self, every_s=max(1.0, duration / 150))
+            self.start_trainers(plans, f"JUMPS3MultiView:bucket=soak:prefix={spec.prefix}", sock, n)
+            sampler = Sampler(self, every_s=max(1.0, self.minutes * 60 / 150))
             sampler.start()
-            self.scenario(duration, sock, overrides)
+            self.scenario(self.minutes * 60, sock, overrides)
             sampler.stop.set()  # the leak window ends while every trainer still reads
             sampler.join()
-            try:
-                status = request("status", sock, timeout=30)
-            except Exception as exc:
-                status = {"jobs": []}
-                self.errors.append(f"status at the end failed: {exc}")
-            stop_file.touch()
-            self.note("stop requested: trainers finish their epoch")
-            for t in self.trainers:
-                try:
-                    t.proc.wait(timeout=PROGRESS_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    t.proc.kill()
-                    t.proc.wait()
-                    self.errors.append(f"{t.name} did not finish its epoch within {PROGRESS_TIMEOUT_S:.0f} s")
-            self.check_trainers()
-            self.counters_before_kill.append(request("status", sock, timeout=30))
-            traceback_lines = (self.work / "daemon.log").read_text(errors="replace").count("Traceback")
-            stop_code = self.daemon.stop()
-            self.note(f"daemon stopped (exit {stop_code})")
-            bad_keys = {manifest.field_by_id(f).keys[PHENIX_CHANNELS["ER"]] for f in bad}
-            faults = [r for r in proxy.faults() if not any(k in r.path for k in bad_keys)]
-            gets = sum(1 for r in proxy.log if r.method == "GET" and ".tiff" in r.path)
-            bad_gets = sum(1 for r in proxy.log if r.method == "GET" and any(k in r.path for k in bad_keys))
-        results = {}
+            ending = self.finish(sock)
+            object_gets = [r for r in proxy.log if r.method == "GET" and ".tiff" in r.path]
+            on_bad = [r for r in object_gets if any(k in r.path for k in bad_keys)]
+            random_faults = [r for r in object_gets if r.fault and not any(k in r.path for k in bad_keys)]
+        results = {plan.name: self.judge(plan, sources[plan.name], set(bad), n) for plan in plans}
+        return self.report(spec, plans, bad, results, sampler.samples, ending, random_faults, len(object_gets),
+                           len(on_bad))
+
+    def start_trainers(self, plans: list[JobPlan], dataset: str, sock: Path, n: int) -> None:
         for plan in plans:
-            tally = Tally(plan.world_size, n // plan.world_size // BATCH, sources[plan.name].ids, bad=set(bad))
-            for t in (t for t in self.trainers if t.plan is plan):
-                for r in read_records(t.record):
-                    identities = [sources[plan.name].identify_received(d, s) for d, s in
-                                  zip(r["digests"], r["signatures"] or [None] * len(r["digests"]))]
-                    tally.add(t.rank, r["epoch"], r["batch"], r["ids"], identities)
-            results[plan.name] = tally.judge()
-        return self.report(spec, plans, bad, results, sampler.samples, status, faults, gets, bad_gets, traceback_lines,
-                           stop_code)
+            records = [str(self.work / f"{plan.name}-rank{r}.jsonl") for r in range(plan.world_size)]
+            for rank in range(plan.world_size):
+                spec = {"dataset": dataset, "seed": self.seed, "rank": rank, "world_size": plan.world_size,
+                        "socket": str(sock), "job": f"soak-{plan.name}-{os.getpid()}",
+                        "options": {**plan.options, "cache_size": plan.cache_size},
+                        "batches_per_epoch": n // plan.world_size // BATCH, "raw": plan.preprocessing is None,
+                        "record": records[rank], "peer_records": records, "stop": str(self.stop_file)}
+                self.trainers.append(Trainer(plan, rank, spec, self.work / f"{plan.name}-rank{rank}.log"))
+        for t in self.trainers:
+            t.start({**self.env, "LOCAL_WORLD_SIZE": str(t.plan.world_size)})
+
+    @property
+    def stop_file(self) -> Path:
+        return self.work / "stop"
+
+    def finish(self, sock: Path) -> dict[str, Any]:
+        """Status while the trainers still read, then let them finish their epoch, then stop the daemon."""
+        try:
+            status = request("status", sock, timeout=30)
+        except Exception as exc:
+            status = {"jobs": []}
+            self.errors.append(f"status at the end failed: {exc}")
+        self.stop_file.touch()
+        self.note("stop requested: trainers finish their epoch")
+        for t in self.trainers:
+            try:
+                t.proc.wait(timeout=PROGRESS_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                t.proc.kill()
+                t.proc.wait()
+                self.errors.append(f"{t.name} did not finish its epoch within {PROGRESS_TIMEOUT_S:.0f} s")
+        self.check_trainers()
+        self.daemon_counters.append(request("status", sock, timeout=30))
+        tracebacks = (self.work / "daemon.log").read_text(errors="replace").count("Traceback")
+        exit_code = self.daemon.stop()
+        self.note(f"daemon stopped (exit {exit_code})")
+        return {"status": status, "tracebacks": tracebacks, "exit_code": exit_code}
+
+    def judge(self, plan: JobPlan, source: SourceFields, bad: set[str], n: int) -> dict[str, Any]:
+        """What this job's trainers recorded, identified by the pixels' digests and signatures."""
+        tally = Tally(plan.world_size, n // plan.world_size // BATCH, source.ids, bad=bad)
+        for t in (t for t in self.trainers if t.plan is plan):
+            for r in read_records(t.record):
+                sigs = r["signatures"] or [None] * len(r["digests"])
+                tally.add(t.rank, r["epoch"], r["batch"], r["ids"],
+                          [source.identify_received(d, sig) for d, sig in zip(r["digests"], sigs)])
+        return tally.judge()
 
     def scenario(self, duration: float, sock: Path, overrides: list[str]) -> None:
         raw1 = next(t for t in self.trainers if t.plan.name == "raw" and t.rank == 1)
@@ -446,7 +455,7 @@ class Soak:
 
     def restart_daemon(self, sock: Path, overrides: list[str]) -> None:
         try:
-            self.counters_before_kill.append(request("status", sock, timeout=10))
+            self.daemon_counters.append(request("status", sock, timeout=10))
         except Exception as exc:  # counted as an error below; the kill goes ahead
             self.errors.append(f"status before the daemon kill failed: {exc}")
         self.daemon.proc.kill()
@@ -455,13 +464,14 @@ class Soak:
 
     # ---- report
 
-    def report(self, spec, plans, bad, results, samples: list[Sample], status, faults, gets, bad_gets,
-               traceback_lines, stop_code) -> dict[str, Any]:
+    def report(self, spec, plans, bad, results, samples: list[Sample], ending: dict[str, Any], random_faults,
+               object_gets: int, bad_gets: int) -> dict[str, Any]:
         by_mode: dict[str, int] = {}
-        for r in faults:
+        for r in random_faults:
             by_mode[r.fault] = by_mode.get(r.fault, 0) + 1
         leak = leak_figures(samples, self.daemon_starts[-1], self.minutes)
-        totals = {k: sum(s.get(k, 0) for s in self.counters_before_kill) for k in ("retries", "gets", "quarantined")}
+        totals = {k: sum(s.get(k, 0) for s in self.daemon_counters) for k in ("retries", "gets", "quarantined")}
+        stop_code, traceback_lines, status = ending["exit_code"], ending["tracebacks"], ending["status"]
         content_ok = all(r["lost"] == r["duplicated"] == r["wrong_pixels"] == r["mislabelled"] ==
                          r["bad_fields_delivered"] == 0 and r["epochs_complete"] > 0 for r in results.values())
         judged = leak["judged"]
@@ -488,7 +498,7 @@ class Soak:
                                   "reconnects": max((r["reconnects"] for r in read_records(t.record)), default=0)}
                          for t in self.trainers},
             "faults_injected": by_mode,
-            "object_gets": gets,
+            "object_gets": object_gets,
             "always_bad_gets": bad_gets,
             "daemon_counters": totals,
             "quarantined_at_end": {j["job"]: sorted(q["field"] for q in j["quarantined"]) for j in status["jobs"]},
@@ -551,7 +561,7 @@ def markdown(r: dict[str, Any], json_name: str) -> str:
         f"{s['stall_s']:g} s, the read timeout is {s['read_timeout_s']:g} s); always bad: "
         + ", ".join(f"`{f}` ({m})" for f, m in s["always_bad"].items()) + ". Injected at random: "
         + ", ".join(f"{m} {c}" for m, c in sorted(r["faults_injected"].items())) + f" of {r['object_gets']} object "
-        f"GETs ({r['always_bad_gets']} more went to the always-bad objects).",
+        f"GETs ({r['always_bad_gets']} of them to the always-bad objects).",
         "- Events: " + "; ".join(f"{e['t']:.0f} s {e['what']}" for e in r["events"]) + ".", "",
         "Each trainer records a digest of every field's pixels it received (and, raw, the plate/well/site/channel "
         "signature in them); `bench/delivery.py` maps them to the source fields decoded independently "
