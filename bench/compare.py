@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from prefetchd.planner.bound import bounds_for
+
 ROOT = Path(__file__).resolve().parent.parent
 def bucket_for(spec) -> str:
     return f"bench-{spec.field_count}x{spec.height}"
@@ -91,57 +93,6 @@ def quick_plan() -> Plan:
 def full_plan() -> Plan:
     return Plan(fields=96, epochs=3, fits_cache=64, large_cache=24, batch_size=8,
                 latency_sweep=(0.0, 30.0, 100.0), cache_sweep=True, trainer_epochs=2, repeats=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline cache bounds for prefetchd's schedule
-
-
-def schedule_sequence(n: int, epochs: int, seed: int, batch_size: int) -> list[np.ndarray]:
-    from prefetchd.schedule import schedule
-
-    return [schedule(n, seed, e, 0, 1, batch_size, False) for e in range(epochs)]
-
-
-def simulate(per_epoch: list[np.ndarray], cache: int, policy: str) -> list[float]:
-    """Hit rate per epoch of an offline cache of `cache` fields (demand fetch) under `lru` or `belady`."""
-    seq = np.concatenate(per_epoch) if per_epoch else np.zeros(0, np.int64)
-    bounds = np.cumsum([0] + [len(e) for e in per_epoch])
-    nxt = np.full(len(seq), np.iinfo(np.int64).max, np.int64)
-    last: dict[int, int] = {}
-    for i in range(len(seq) - 1, -1, -1):
-        f = int(seq[i])
-        nxt[i] = last.get(f, np.iinfo(np.int64).max)
-        last[f] = i
-    hits = np.zeros(len(seq), bool)
-    if policy == "lru":
-        od: collections.OrderedDict[int, None] = collections.OrderedDict()
-        for i, f in enumerate(seq.tolist()):
-            if f in od:
-                hits[i] = True
-                od.move_to_end(f)
-            else:
-                od[f] = None
-                if len(od) > cache:
-                    od.popitem(last=False)
-    else:
-        import heapq
-
-        resident: dict[int, int] = {}   # field -> next use
-        heap: list[tuple[int, int]] = []  # (-next use, field), lazy
-        for i, f in enumerate(seq.tolist()):
-            if f in resident:
-                hits[i] = True
-            elif len(resident) >= cache:
-                while True:
-                    neg, g = heapq.heappop(heap)
-                    if resident.get(g) == -neg:
-                        del resident[g]
-                        break
-            resident[f] = int(nxt[i])
-            heapq.heappush(heap, (-int(nxt[i]), f))
-    return [float(hits[bounds[e]:bounds[e + 1]].mean()) if bounds[e + 1] > bounds[e] else 0.0
-            for e in range(len(per_epoch))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,11 +654,6 @@ def apply_only(plan: Plan, only: str) -> set[str]:
         plan.latency_sweep = ()
     plan.profile = plan.profile and "profile" in keep
     return keep
-
-
-def bounds_for(n: int, cache: int, epochs: int, batch_size: int) -> dict:
-    seq = schedule_sequence(n, epochs, 0, batch_size)
-    return {"c_over_n": min(1.0, cache / n), "belady": simulate(seq, cache, "belady"), "lru": simulate(seq, cache, "lru")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import fps, per_field, schedule_sequence, simulate
+from bench.compare import fps, per_field
+from prefetchd.planner.bound import schedule_sequence, simulate
 
 COLUMNS = ("system", "fields/s", "stall", "stall after 1st batch", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",

@@ -16,10 +16,11 @@ from typing import Any
 import yaml
 
 from prefetchd.errors import ConfigError
+from prefetchd.planner.policy import Policy
 
 _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
-    "defaults.policy": ("lru", "belady"),
+    "defaults.policy": Policy.names(),
     "s3.verify_md5": ("auto", True, False),
     "s3.retry_mode": ("adaptive", "standard", "legacy"),
     "s3.get_concurrency": ("adaptive", "fixed"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from prefetchd.cache import POLICIES
 from prefetchd.channels import parse_channels
 from prefetchd.errors import ConfigError
+from prefetchd.planner.policy import Policy
 from prefetchd.preprocess import Preprocessing
 
 ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")
@@ -19,7 +19,7 @@ class AttachOptions:
     preprocessing: Preprocessing
     cache_size: int
     prefetch_factor: int
-    policy: str
+    policy: Policy
     drop_last: bool
 
 
@@ -30,15 +30,14 @@ def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> Atta
     merged = {**defaults, **{k: v for k, v in requested.items() if v is not None}}
     cache_size = _positive_int("cache_size", merged["cache_size"])
     prefetch_factor = _positive_int("prefetch_factor", merged["prefetch_factor"], allow_zero=True)
-    if merged["policy"] not in POLICIES:
-        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {merged['policy']!r}")
+    policy = Policy.parse(merged["policy"])
     if not isinstance(merged["drop_last"], bool):
         raise ConfigError(f"drop_last must be true or false, got {merged['drop_last']!r}")
     preprocessing = Preprocessing.from_options(
         illum=merged["illum"], rescale=merged.get("rescale", False), clahe=merged.get("clahe")
     )
     channels = parse_channels(requested["channels"]) if requested.get("channels") else None
-    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, merged["policy"], merged["drop_last"])
+    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"])
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import hashlib
 import logging
@@ -31,7 +32,7 @@ from prefetchd.disk_tier import DiskTier
 from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
 from prefetchd.http_get import make_http_session
 from prefetchd.indexes import IndexRegistry, with_channels
-from prefetchd.job import Job, JobSpec
+from prefetchd.job import EpochEnd, Job, JobSpec
 from prefetchd.notify import sd_notify, watchdog_interval_s
 from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.options import resolve_options
@@ -389,7 +390,10 @@ class Server:
         job = self._attached(conn)
         if epoch < 0 or batch < 0:
             raise ProtocolError(f"epoch and batch must be >= 0, got epoch={epoch}, batch={batch}")
-        return await job.next_batch(conn.rank, epoch, batch)
+        served = await job.next_batch(conn.rank, epoch, batch)
+        if isinstance(served, EpochEnd):
+            return {"ok": True, "end": True, "epoch": served.epoch, "batches": served.batches}
+        return {"ok": True, "end": False, **dataclasses.asdict(served)}
 
     async def op_release(self, conn: Connection, slots: list) -> dict:
         job = self._attached(conn)
@@ -415,7 +419,7 @@ class Server:
         self.jobs.pop(job.spec.job, None)
         for key in self._stats_closed_jobs:
             self._stats_closed_jobs[key] += getattr(job.stats, key)
-        self._quarantined_closed += len(job.quarantined)
+        self._quarantined_closed += len(job.quarantine)
         await job.close()
         log.info("job %s closed", job.spec.job)
 

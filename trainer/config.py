@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from prefetchd.planner.policy import Policy
 from trainer.errors import TrainerError
 
 DEFAULTS = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
@@ -19,7 +20,7 @@ CHOICES = {
     "train.multiview_mode": ("channel_as_view", "all_channels"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base"),
-    "s3.policy": ("lru", "belady"),
+    "s3.policy": Policy.names(),
     "compute_precision.param_dtype": ("bf16", "fp32"),
 }
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
