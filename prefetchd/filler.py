@@ -11,7 +11,7 @@ from typing import Callable
 
 from prefetchd.cache import SlotCache
 from prefetchd.decode import assemble_field, probe_shape
-from prefetchd.errors import CorruptObjectError, PrefetchdError
+from prefetchd.errors import CorruptObjectError, ErrorCode, PrefetchdError, class_for
 from prefetchd.fetch import ObjectStore
 from prefetchd.illum import IllumCache
 from prefetchd.index import Field, Index
@@ -54,8 +54,9 @@ async def probe(index: Index, store: ObjectStore, quarantine: Quarantine) -> tup
         except CorruptObjectError as exc:
             last = exc
             quarantine_field(quarantine, index, candidate, str(exc))
-    raise PrefetchdError(f"could not read any of the dataset's first fields: {last.message if last else 'empty'}"
-                         " (run `prefetchd check DATASET`)", code=last.code if last else "storage")
+    code = last.code if last else ErrorCode.STORAGE
+    raise class_for(code)(f"could not read any of the dataset's first fields: {last.message if last else 'empty'}"
+                          " (run `prefetchd check DATASET`)", code=code)
 
 
 class Filler:

@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from prefetchd.cache import SlotCache
-from prefetchd.errors import PrefetchdError, ShmError
+from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
 from prefetchd.filler import Filler, probe, quarantine_field
 from prefetchd.index import Index
@@ -264,7 +264,7 @@ class Job:
         """Start or join the fills of a batch's fields and return (substitutes applied) once all are in slots."""
         while True:
             if self.closed:
-                raise PrefetchdError("the daemon is shutting down; reattach when it is back", code="stopping")
+                raise DaemonStopping("the daemon is shutting down; reattach when it is back")
             self._changed.clear()  # cleared before checking, so no completion can slip between
             mapped = [self.timeline.substitute(f) for f in fields]
             if all(self.cache.is_ready(f) for f in mapped):

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable
 from urllib.parse import unquote_plus
 
 from prefetchd.dataset import DatasetSpec
-from prefetchd.errors import DatasetError, StorageError
+from prefetchd.errors import DatasetError, ErrorCode, StorageError
 from prefetchd.layout import barcode_of
 from prefetchd.s3 import make_s3_client
 
@@ -147,7 +147,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
     """Every file under root, as a path relative to root with '/' separators; returns the count."""
     if not os.path.isdir(root):
         raise StorageError(f"local dataset root {root} does not exist or is not a directory: fix root= in "
-                           "the dataset string (or copy the data there with `aws s3 sync`)", code="no_root")
+                           "the dataset string (or copy the data there with `aws s3 sync`)", code=ErrorCode.NO_ROOT)
     count = 0
     leaves = 0
     stack = [""]
@@ -158,7 +158,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
         except PermissionError:
             raise StorageError(f"cannot read {os.path.join(root, relative)}: permission denied; fix the "
                                "directory permissions or run as a user that can read it",
-                               code="no_root") from None
+                               code=ErrorCode.NO_ROOT) from None
         for entry in entries:
             path = f"{relative}{entry.name}"
             if entry.is_dir(follow_symlinks=True):

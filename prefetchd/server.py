@@ -27,7 +27,8 @@ from prefetchd.concurrency import DEFAULT_MINIMUM, AdaptiveConcurrency
 from prefetchd.config import Config
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec, parse_dataset
-from prefetchd.errors import PrefetchdError, ProtocolError
+from prefetchd.errors import (AttachConflict, ConfigError, DaemonBusy, DaemonStopping, ErrorCode, Forbidden,
+                              PrefetchdError, ProtocolError)
 from prefetchd.disk_tier import DiskTier
 from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
 from prefetchd.http_get import make_http_session
@@ -36,7 +37,8 @@ from prefetchd.job import EpochEnd, Job, JobSpec
 from prefetchd.notify import sd_notify, watchdog_interval_s
 from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.options import resolve_options
-from prefetchd.protocol import MAX_LINE, decode_request, encode
+from prefetchd.protocol import (MAX_LINE, attach_reply, batch_reply, decode_request, encode, end_of_epoch_reply,
+                                error_reply, internal_error_reply, ok_reply)
 from prefetchd.s3 import make_s3_client, resolve_endpoint
 from prefetchd.shm.arena import SlotState, reap_stale_segments
 
@@ -117,8 +119,8 @@ class Server:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if group else 0o700)
         if path.exists() or path.is_symlink():
             if _socket_answers(path):
-                raise PrefetchdError(f"another prefetchd is already listening on {path}; "
-                                     "stop it with `prefetchd stop` or use --socket", code="busy")
+                raise DaemonBusy(f"another prefetchd is already listening on {path}; "
+                                 "stop it with `prefetchd stop` or use --socket")
             path.unlink()
         self._server = await asyncio.start_unix_server(self._handle, path=str(path), limit=MAX_LINE)
         os.chmod(path, 0o660 if group else 0o600)
@@ -137,8 +139,8 @@ class Server:
         try:
             self._metrics_server = await start_metrics_server(self.status, host, port)
         except OSError as exc:
-            raise PrefetchdError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; "
-                                 "pick another metrics.port or 0 to turn metrics off", code="bad_config") from None
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}; "
+                              "pick another metrics.port or 0 to turn metrics off") from None
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         log.info("Prometheus metrics on http://%s:%d/metrics", host, self.metrics_port)
 
@@ -239,7 +241,7 @@ class Server:
                 try:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    await _reply(writer, ProtocolError(f"request longer than {MAX_LINE} bytes").to_reply())
+                    await _reply(writer, error_reply(ProtocolError(f"request longer than {MAX_LINE} bytes")))
                     break
                 if not line:
                     break
@@ -256,7 +258,7 @@ class Server:
     async def _refuse(self, reader, writer, cred, reason: str) -> None:
         log.warning("refused control connection from %s: %s", cred or "unknown peer", reason)
         try:
-            await _reply(writer, PrefetchdError(reason, code="forbidden").to_reply())
+            await _reply(writer, error_reply(Forbidden(reason)))
             # Consume the peer's first request (bounded) so closing does not reset the reply away.
             with contextlib.suppress(asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
                 await asyncio.wait_for(reader.readline(), 2.0)
@@ -271,28 +273,28 @@ class Server:
             handler = getattr(self, "op_" + request.pop("op"))
             return await handler(conn, **request)
         except PrefetchdError as exc:
-            return exc.to_reply()
+            return error_reply(exc)
         except Exception as exc:  # a bug must not take the daemon or other clients down
             log.exception("request failed")
-            return {"ok": False, "code": "internal", "error": f"internal error: {type(exc).__name__}: {exc}"}
+            return internal_error_reply(exc)
 
     # ---- operations ------------------------------------------------------------------------
 
     async def op_ping(self, conn: Connection) -> dict:
-        return {"ok": True, "version": __version__, "pid": os.getpid()}
+        return ok_reply(version=__version__, pid=os.getpid())
 
     async def op_status(self, conn: Connection) -> dict:
-        return {"ok": True, **self.status()}
+        return ok_reply(**self.status())
 
     async def op_stop(self, conn: Connection) -> dict:
         self.should_exit.set()
-        return {"ok": True, "stopping": True}
+        return ok_reply(stopping=True)
 
     async def op_attach(self, conn: Connection, dataset: str, batch_size: int, seed: int = 0, rank: int = 0,
                         world_size: int = 1, local_world_size: int = 1, job: str | None = None,
                         options: dict | None = None) -> dict:
         if self.should_exit.is_set():
-            raise PrefetchdError("the daemon is shutting down; attach again once it is back", code="stopping")
+            raise DaemonStopping("the daemon is shutting down; attach again once it is back")
         if conn.job is not None:
             raise ProtocolError("this connection is already attached; open a new connection per rank")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or local_world_size < 1:
@@ -309,20 +311,14 @@ class Server:
         the_job = await self._get_or_start_job(job_spec, spec, local_world_size)
         state = the_job.ranks.get(rank)
         if state is not None and state.connected:
-            raise PrefetchdError(f"rank {rank} of job {job_spec.job} is already attached by another process; "
-                                 "give each process its own rank or a different job id", code="rank_taken")
+            raise AttachConflict(f"rank {rank} of job {job_spec.job} is already attached by another process; "
+                                 "give each process its own rank or a different job id", code=ErrorCode.RANK_TAKEN)
         state = the_job.add_rank(rank)
         conn.job, conn.rank = the_job, rank
-        return {
-            "ok": True,
-            "job": job_spec.job,
-            "layout": the_job.arena.layout.to_dict(),
-            "fields": the_job.n_fields,
-            "channels": list(spec.channels),
-            "batches_per_epoch": the_job.batches_per_epoch,
-            "preprocessing": the_job.spec.preprocessing.to_dict(),
-            "position": {"epoch": state.epoch, "position": state.position},
-        }
+        return attach_reply(job=job_spec.job, layout=the_job.arena.layout.to_dict(), fields=the_job.n_fields,
+                            channels=list(spec.channels), batches_per_epoch=the_job.batches_per_epoch,
+                            preprocessing=the_job.spec.preprocessing.to_dict(), epoch=state.epoch,
+                            position=state.position)
 
     async def _get_or_start_job(self, job_spec: JobSpec, spec: DatasetSpec, local_world_size: int) -> Job:
         existing = self.jobs.get(job_spec.job)
@@ -331,9 +327,9 @@ class Server:
         if existing is not None:
             diffs = existing.spec.differences(job_spec)
             if diffs:
-                raise PrefetchdError(
+                raise AttachConflict(
                     f"job {job_spec.job} is already attached with different {', '.join(diffs)}; "
-                    "use the same settings on every rank or another job id", code="job_mismatch")
+                    "use the same settings on every rank or another job id")
             return existing
         future = asyncio.get_running_loop().create_future()
         self._job_starts[job_spec.job] = future
@@ -392,15 +388,15 @@ class Server:
             raise ProtocolError(f"epoch and batch must be >= 0, got epoch={epoch}, batch={batch}")
         served = await job.next_batch(conn.rank, epoch, batch)
         if isinstance(served, EpochEnd):
-            return {"ok": True, "end": True, "epoch": served.epoch, "batches": served.batches}
-        return {"ok": True, "end": False, **dataclasses.asdict(served)}
+            return end_of_epoch_reply(epoch=served.epoch, batches=served.batches)
+        return batch_reply(**dataclasses.asdict(served))
 
     async def op_release(self, conn: Connection, slots: list) -> dict:
         job = self._attached(conn)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in slots):
             raise ProtocolError("release needs a list of integer slot indices")
         job.release(conn.rank, slots)
-        return {"ok": True}
+        return ok_reply()
 
     async def op_detach(self, conn: Connection) -> dict:
         job = self._attached(conn)
@@ -408,7 +404,7 @@ class Server:
         conn.job = conn.rank = None
         if job.all_detached:
             await self._close_job(job)
-        return {"ok": True}
+        return ok_reply()
 
     def _attached(self, conn: Connection) -> Job:
         if conn.job is None or conn.job.closed:
