@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
     configure_logging(config.get("log_level"))
 
     async def run() -> None:
-        await Server(config, reload=lambda: load_config(args)).serve()
+        await Server(config).serve()  # SIGHUP re-reads the same --config and --set (Config.reread)
 
     uvloop.run(run())
     return 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -103,12 +103,15 @@ def set_dotted(tree: dict, key: str, value: Any) -> dict:
 
 @dataclass
 class Config:
-    """The daemon's settings, resolved (environment and XDG paths applied)."""
+    """The daemon's settings, resolved (environment and XDG paths applied). It remembers where it was read
+    from (`path`, `overrides`), so `reread()` (SIGHUP) reads the same file with the same overrides again."""
 
     tree: dict[str, Any]
+    path: str | os.PathLike | None = field(default=None, compare=False)
+    overrides: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> "Config":
+    def load(cls, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> "Config":
         tree = load_defaults()
         if path is not None:
             try:
@@ -120,9 +123,13 @@ class Config:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must be a mapping of keys, got {type(loaded).__name__}")
             tree = merge(tree, loaded)
+        overrides = tuple(overrides)
         for item in overrides:
             tree = set_dotted(tree, *parse_override(item))
-        return cls(tree)
+        return cls(tree, path, overrides)
+
+    def reread(self) -> "Config":
+        return Config.load(self.path, self.overrides)
 
     def get(self, dotted: str) -> Any:
         node: Any = self.tree
@@ -144,6 +151,58 @@ class Config:
     def decode_workers(self) -> int:
         return int(self.tree["decode"]["workers"]) or (os.cpu_count() or 1)
 
+
+# ---- reload (SIGHUP) ---------------------------------------------------------------------------------
+
+# Config keys a SIGHUP may change live; everything else needs a restart (the old value is kept).
+RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.get_concurrency",
+              "s3.retries", "security")
+
+
+@dataclass
+class Reload:
+    config: Config          # the running config with every reloadable key taken from the re-read one
+    changed: list[str]      # dotted keys that changed and apply now
+    ignored: list[str]      # dotted keys that changed but need a restart (the running value is kept)
+
+
+def apply_reload(running: Config, fresh: Config) -> Reload:
+    old, new = running.tree, fresh.tree
+    changed, ignored = [], []
+    for key in sorted(set(old) | set(new)):
+        for path in _differing(key, old.get(key), new.get(key)):
+            (changed if path.startswith(RELOADABLE) else ignored).append(path)
+    tree = dict(old)
+    for key in RELOADABLE:
+        _set_path(tree, key, _get_path(new, key))
+    return Reload(replace(running, tree=tree), changed, ignored)
+
+
+def _differing(path: str, a: Any, b: Any) -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _differing(f"{path}.{key}", a.get(key), b.get(key))
+    elif a != b:
+        yield path
+
+
+def _get_path(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node[part] = dict(node[part])  # copy on write: the old Config keeps its own tree
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# ---- paths -----------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
     if os.environ.get("CACHE_DIRECTORY"):  # set by systemd's CacheDirectory=
