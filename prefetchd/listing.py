@@ -17,13 +17,15 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 from urllib.parse import unquote_plus
 
-from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import DatasetError, ErrorCode, StorageError
 from prefetchd.layout import barcode_of
 from prefetchd.s3 import make_s3_client
+
+if TYPE_CHECKING:
+    from prefetchd.dataset import DatasetSpec
 
 Sink = Callable[[str, int, "str | None"], None]
 Progress = Callable[[int, int, int], None]  # (done plates, total plates so far, keys seen)
@@ -213,7 +215,7 @@ def parse_index_stream(stream: BinaryIO, spec: DatasetSpec, sink: Sink) -> int:
 
 
 def _keep(key: str, spec: DatasetSpec) -> bool:
-    return spec.is_local or not spec.prefix or key.startswith(spec.prefix + "/")
+    return spec.storage.holds(key)
 
 
 def _keys_file(text: io.TextIOBase, spec: DatasetSpec, sink: Sink) -> int:
@@ -286,12 +288,7 @@ def _load_data_folder(folder: str, spec: DatasetSpec) -> str:
     folder = folder.rstrip("/")
     if folder.startswith("s3://"):
         folder = folder[5:].partition("/")[2]
-    if spec.is_local:
-        root = os.path.abspath(spec.root).rstrip("/") + "/"
-        return folder[len(root):] if folder.startswith(root) else folder
-    if spec.prefix and spec.prefix in folder:
-        return folder[folder.index(spec.prefix):]
-    return folder
+    return spec.storage.relative_key(folder)
 
 
 async def read_index_file(source: str, spec: DatasetSpec, s3cfg: dict, sink: Sink) -> int:

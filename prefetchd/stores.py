@@ -10,7 +10,7 @@ from prefetchd.concurrency import DEFAULT_MINIMUM, AdaptiveConcurrency
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec
 from prefetchd.disk_tier import DiskTier
-from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
+from prefetchd.fetch import THROTTLE_CODES, ObjectStore
 from prefetchd.http_get import make_http_session
 from prefetchd.s3 import make_s3_client, resolve_endpoint
 
@@ -65,17 +65,16 @@ class Stores:
         return bool(setting)
 
     def for_dataset(self, spec: DatasetSpec) -> ObjectStore:
-        if spec.is_local:
-            return LocalStore(spec.root, self.limiter, self.counters)
-        store: ObjectStore = S3Store(self.s3client, spec.bucket, self.limiter, self.counters,
-                                     retries=int(self.s3["retries"]), verify_md5=self.verify_md5(), http=self.http)
+        return spec.storage.make_store(self)
+
+    def on_disk(self, namespace: str, store: ObjectStore) -> ObjectStore:
+        """`store` behind the disk tier of `namespace` (one per bucket and endpoint), when `disk_cache` is on."""
         tier = self.disk_cache
-        if tier["dir"] and tier["max_bytes"]:
-            namespace = f"{self.endpoint or 'aws'}/{spec.bucket}"
-            if namespace not in self.disk_tiers:
-                self.disk_tiers[namespace] = DiskTier(store, tier["dir"], tier["max_bytes"], namespace)
-            store = self.disk_tiers[namespace]
-        return store
+        if not (tier["dir"] and tier["max_bytes"]):
+            return store
+        if namespace not in self.disk_tiers:
+            self.disk_tiers[namespace] = DiskTier(store, tier["dir"], tier["max_bytes"], namespace)
+        return self.disk_tiers[namespace]
 
     def status(self) -> dict[str, Any]:
         c = self.counters
