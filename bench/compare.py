@@ -3,7 +3,7 @@
     python -m bench.compare --quick          # < 5 min on 2 cores; last line: ratio_vs_seed=<x>
     python -m bench.compare                  # full: writes BENCHMARKS.md and docs/img/bench_*.png
 
-Path: synthetic plates (prefetchd.synth, real key names, 5 × H × W uint16 TIFF) → SeaweedFS S3 on loopback
+Path: synthetic plates (prefetchd.dev.synth, real key names, 5 × H × W uint16 TIFF) → SeaweedFS S3 on loopback
 (bench/servers.py) → latency/bandwidth proxy (bench/latency_proxy.py, own process) → each system.
 Every system run is its own subprocess (`--run-one`), so the resident memory of its whole process tree
 (DataLoader workers, or daemon + consumer) is sampled cleanly and its CPU comes from wait4 rusage.
@@ -100,14 +100,14 @@ def full_plan() -> Plan:
 
 
 def spec_for(fields: int, size: int):
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     return synth.demo_spec(fields=fields, size=size)
 
 
 def ensure_plates(data_root: Path, fields: int, size: int):
     """Write the synthetic plates once per (fields, size); later runs reuse them."""
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     spec = spec_for(fields, size)
     root = data_root / f"plates-{spec.field_count}x{size}"
@@ -118,7 +118,7 @@ def ensure_plates(data_root: Path, fields: int, size: int):
 
 
 def already_uploaded(endpoint: str, bucket: str, manifest) -> bool:
-    from prefetchd.locals3 import admin_client
+    from prefetchd.dev.locals3 import admin_client
 
     client = admin_client(endpoint)
     try:
@@ -316,7 +316,7 @@ def prefetchd_options(system: str) -> dict:
 def run_prefetchd(job: dict) -> dict:
     from bench.consumer import consume
     from prefetchd.client import attach
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
 
     work = Path(job["workdir"])
     cache_dir = work / f"index-{job['system']}-{job['regime']}-{os.getpid()}"
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(plan: Plan, a) -> int:
     from bench.latency_proxy import LatencyProxy
     from bench.servers import S3Server
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -300,7 +300,7 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         f"- Python {m.get('python')}; " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
         "",
         "## Setup",
-        f"- Data: `prefetchd.synth` plates with real cpg0000 key names, {p['fields']} fields of 5 × {p['size']}² "
+        f"- Data: `prefetchd.dev.synth` plates with real cpg0000 key names, {p['fields']} fields of 5 × {p['size']}² "
         f"uint16 TIFF (+ a {p['small_size']}² variant), uploaded to **{results['server']['kind']}** on loopback "
         f"(up in {results['server']['startup_s']:.1f} s, upload {results['server']['upload_s']:.1f} s).",
         f"- In front of it `bench/latency_proxy.py` (own process): {p['latency_ms']:g} ms first-byte latency per GET, "

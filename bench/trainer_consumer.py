@@ -188,7 +188,7 @@ def run_trainer(job: dict) -> dict:
     made: dict[str, Any] = {}
     real_make_source = train_mod.make_source
     if system.startswith("prefetchd"):
-        from prefetchd.daemon_process import DaemonProcess
+        from prefetchd.dev.daemon_process import DaemonProcess
 
         sock = Path(tempfile.mkdtemp(prefix="pft-", dir=work)) / "d.sock"
         overrides = [f"s3.endpoint_url={job['endpoint']}", f"cache_dir={work / f'index-trainer-{me}'}",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from prefetchd import synth
+from prefetchd.dev import synth
 from prefetchd.cache import SlotCache
 from prefetchd.client import attach
 from prefetchd.control import request
