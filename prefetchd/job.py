@@ -1,16 +1,12 @@
-"""One attached training job: its arena (= the cache), its ranks, and serving their batches.
+"""One attached training job: it wires the parts of the data path together and serves its ranks' batches.
 
-The job composes the parts of the data path, each in its own module, and only wires them together:
-
-    index ──► timeline (schedule, cursors, horizon) ──► planner (policy) ──► filler ──► slot ──► `next_batch`
+    index ──► timeline (schedules, cursors, horizon) ──► planner (policy) ──► filler ──► slot ──► `next_batch`
 
 A rank asking for a batch that is not ready always gets it: its missing fields are fetched on demand
-(`Planner.fetch_now`, evicting the policy's victim, never a leased slot or a field in a rank's must zone); when
-every slot is leased, filling or protected it waits for the next release or finished fill, both of which wake it.
-Meanwhile the prefetch loop lets the planner fill ahead whenever a cursor moves, a slot is released or a fill ends.
-
-Hits (`SlotCache.lease`): a use is a hit only when its slot already served a use since it was filled, so a
-prefetched field's first use is a miss — the count of a demand-fetch cache, comparable with the bounds.
+(`Planner.fetch_now`); when every slot is leased, filling or protected it waits for the next release or finished
+fill. The prefetch loop lets the planner fill ahead whenever a cursor moves, a slot is released or a fill ends.
+A use is a hit only when its slot already served a use since it was filled (`SlotCache.lease`): the count of a
+demand-fetch cache, comparable with the offline bounds.
 """
 
 from __future__ import annotations
@@ -25,11 +21,11 @@ from dataclasses import dataclass, field
 from prefetchd.cache import SlotCache
 from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
-from prefetchd.filler import Filler, probe, quarantine_field
+from prefetchd.filler import Filler, probe
 from prefetchd.index import Index
 from prefetchd.pace import Pace
-from prefetchd.planner import Planner, Policy, make_planner
-from prefetchd.preprocess import Preprocessing
+from prefetchd.options import JobSpec
+from prefetchd.planner import Planner, make_planner
 from prefetchd.quarantine import Quarantine
 from prefetchd.shm.arena import Arena, arena_name
 from prefetchd.timeline import RankState, Timeline
@@ -37,31 +33,16 @@ from prefetchd.timeline import RankState, Timeline
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything that fixes a job's sample order and pixels; all ranks of a job must agree on it."""
-
-    job: str
-    dataset: str
-    seed: int
-    world_size: int
-    batch_size: int
-    drop_last: bool
-    cache_size: int
-    prefetch_factor: int
-    policy: Policy
-    preprocessing: Preprocessing
-    channels: tuple[str, ...]
-
-    def differences(self, other: "JobSpec") -> list[str]:
-        return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
-
-
 @dataclass
 class EpochStats:
     served: int = 0
     hits: int = 0
     misses: int = 0
+
+    def count(self, hits: list[bool]) -> None:
+        self.served += len(hits)
+        self.hits += sum(hits)
+        self.misses += len(hits) - sum(hits)
 
 
 @dataclass
@@ -71,6 +52,14 @@ class JobStats:
     cache_misses: int = 0
     stall_s: float = 0.0
     epochs: dict[int, EpochStats] = field(default_factory=lambda: collections.defaultdict(EpochStats))
+
+    def served_batch(self, epoch: int, hits: list[bool], waited_s: float) -> None:
+        """Count a batch handed out; `hits[i]`: field i's slot had served a use since it was filled."""
+        self.epochs[epoch].count(hits)
+        self.fields_served += len(hits)
+        self.cache_hits += sum(hits)
+        self.cache_misses += len(hits) - sum(hits)
+        self.stall_s += waited_s
 
 
 @dataclass
@@ -164,10 +153,6 @@ class Job:
             self.arena.destroy()
             self.arena = None
 
-    def quarantine_field(self, f: int, reason: str) -> None:
-        """Serve field `f`'s substitute from now on (the filler does this for objects that stay bad)."""
-        quarantine_field(self.quarantine, self.index, f, reason)
-
     # ---- ranks -----------------------------------------------------------------------------
 
     def add_rank(self, rank: int) -> RankState:
@@ -233,7 +218,8 @@ class Job:
         started = time.monotonic()
         mapped = await self._wait_ready(self.timeline.batch(rank, epoch, batch))
         waited = time.monotonic() - started
-        slots = self._lease(mapped, epoch, waited)
+        slots = [self.cache.lookup(f) for f in mapped]
+        self.stats.served_batch(epoch, [self.cache.lease(slot) for slot in slots], waited)
         state.leased = slots
         state.position = (batch + 1) * b
         state.replied_at = time.monotonic()
@@ -242,23 +228,6 @@ class Job:
         ids = self.index.ids  # a list built per access when the index holds Field objects
         return Served(epoch, batch, slots, [ids[f] for f in mapped],
                       [int(self.arena.table["generation"][s]) for s in slots], waited)
-
-    def _lease(self, fields: list[int], epoch: int, waited: float) -> list[int]:
-        """Lease the slots of a ready batch and count its hits and misses."""
-        st, epoch_stats = self.stats, self.stats.epochs[epoch]
-        st.stall_s += waited
-        slots = []
-        for f in fields:
-            slot = self.cache.lookup(f)
-            hit = self.cache.lease(slot)
-            slots.append(slot)
-            st.cache_hits += hit
-            st.cache_misses += not hit
-            epoch_stats.hits += hit
-            epoch_stats.misses += not hit
-        epoch_stats.served += len(fields)
-        st.fields_served += len(fields)
-        return slots
 
     async def _wait_ready(self, fields: list[int]) -> list[int]:
         """Start or join the fills of a batch's fields and return (substitutes applied) once all are in slots."""

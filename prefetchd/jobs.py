@@ -17,7 +17,8 @@ from prefetchd.config import Config
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import AttachConflict
 from prefetchd.indexes import IndexRegistry, with_channels
-from prefetchd.job import Job, JobSpec
+from prefetchd.job import Job
+from prefetchd.options import JobSpec
 from prefetchd.options import AttachOptions, resolve_options
 from prefetchd.shm.arena import SlotState
 from prefetchd.stores import Stores

@@ -1,4 +1,5 @@
-"""Attach options: what a client may choose per job, on top of the daemon's `defaults:`."""
+"""Attach options: what a client may choose per job, on top of the daemon's `defaults:`, and the resolved
+`JobSpec` every rank of a job must agree on."""
 
 from __future__ import annotations
 
@@ -21,6 +22,26 @@ class AttachOptions:
     prefetch_factor: int
     policy: Policy
     drop_last: bool
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that fixes a job's sample order and pixels; all ranks of a job must agree on it."""
+
+    job: str
+    dataset: str
+    seed: int
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    cache_size: int
+    prefetch_factor: int
+    policy: Policy
+    preprocessing: Preprocessing
+    channels: tuple[str, ...]
+
+    def differences(self, other: "JobSpec") -> list[str]:
+        return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
 
 
 def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> AttachOptions:

@@ -24,7 +24,9 @@ from prefetchd.client import attach
 from prefetchd.control import request
 from prefetchd.counters import FetchCounters
 from prefetchd.index import Field, Index
-from prefetchd.job import Job, JobSpec
+from prefetchd.filler import quarantine_field
+from prefetchd.job import Job
+from prefetchd.options import JobSpec
 from prefetchd.planner.belady import farthest, min_evictions, take_doomed_slot
 from prefetchd.planner.bound import schedule_sequence, simulate
 from prefetchd.preprocess import Preprocessing
@@ -185,7 +187,7 @@ async def run_job(n: int, cache_size: int, batch: int, epochs: int, policy: str,
     job = Job(spec, Index("x", CHANNELS, fields), InstantStore(), pool, max_fills=6, local_world_size=world)
     await job.start()
     for f in quarantine:
-        job.quarantine_field(f, "test")
+        quarantine_field(job.quarantine, job.index, f, "test")
     served: list[list[str]] = [[] for _ in range(world)]
     try:
         for r in range(world):
