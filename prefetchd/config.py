@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.yaml_config import Schema, get
 
 CHOICES = {

@@ -8,7 +8,7 @@ from typing import Any
 
 from prefetchd.channels import parse_channels
 from prefetchd.errors import ConfigError
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.preprocess import Preprocessing
 
 ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")

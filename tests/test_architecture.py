@@ -137,7 +137,7 @@ def canonical(distribution: str) -> str:
 
 def test_policy_names_are_spelled_once():
     spelled = [m for m, p in product_modules().items()
-               if re.search(r"""["'](lru|belady)["']""", p.read_text()) and m != "prefetchd.planner.policy"]
+               if re.search(r"""["'](lru|belady)["']""", p.read_text()) and m != "prefetchd.policy"]
     assert spelled == []
 
 
@@ -151,6 +151,16 @@ def test_error_codes_are_enum_members_and_come_back_as_their_class():
     assert class_for("dns").__name__ == "StorageError" and class_for("stopping").__name__ == "DaemonStopping"
     unknown = error_from_reply({"ok": False, "code": "from_a_newer_daemon", "error": "x"})
     assert type(unknown) is PrefetchdError and unknown.code == "from_a_newer_daemon"
+
+
+def test_the_client_side_does_not_load_the_daemons_data_path():
+    """Trainer ranks import the client and the trainer's config: no S3 client, HTTP stack or Arrow for them."""
+    code = ("import sys; import prefetchd.client, prefetchd.config, trainer.config\n"
+            "print(sorted(m for m in ('botocore', 'aiohttp', 'pyarrow', 'prefetchd.planner', 'prefetchd.fetch') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_demo_without_moto_names_the_extra_in_one_line():

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.yaml_config import Schema, get, nest
 from trainer.errors import TrainerError
 

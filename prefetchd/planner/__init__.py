@@ -1,8 +1,8 @@
 """The prefetch planner: which fields to fetch ahead and which slot each may take. One class per eviction
 policy (`lru.py`, `belady.py`), the shared windows and depth in `base.py`, the offline bounds in `bound.py`.
 
-To change eviction, change (or add) a planner class here and its name in `policy.py`; nothing else branches
-on the policy.
+To change eviction, change (or add) a planner class here and its name in `prefetchd/policy.py`; nothing else
+branches on the policy.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefetchd.planner.base import Planner
 from prefetchd.planner.belady import BeladyPlanner
 from prefetchd.planner.lru import LruPlanner
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 
 PLANNERS: dict[Policy, type[Planner]] = {Policy.LRU: LruPlanner, Policy.BELADY: BeladyPlanner}
 

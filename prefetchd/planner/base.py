@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 from prefetchd.cache import SlotCache
 from prefetchd.filler import Filler
 from prefetchd.pace import Pace
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.timeline import RankState, Timeline, live
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 from prefetchd.cache import SlotCache
 from prefetchd.planner.base import Planner
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.timeline import Horizon, live
 
 

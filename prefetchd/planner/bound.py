@@ -8,7 +8,7 @@ import heapq
 
 import numpy as np
 
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 from prefetchd.schedule import schedule
 
 

@@ -5,7 +5,7 @@ needed sooner)."""
 from __future__ import annotations
 
 from prefetchd.planner.base import Planner
-from prefetchd.planner.policy import Policy
+from prefetchd.policy import Policy
 
 
 class LruPlanner(Planner):

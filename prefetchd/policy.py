@@ -1,4 +1,6 @@
-"""The eviction policies by name: the one place the names `lru` and `belady` are spelled."""
+"""The eviction policies by name: the one place the names `lru` and `belady` are spelled. Kept apart from the
+planners (`prefetchd/planner/`) so that config validation, the client and the trainer can name a policy without
+importing the daemon's data path."""
 
 from __future__ import annotations
 
