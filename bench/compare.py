@@ -43,7 +43,7 @@ import numpy as np
 from bench.accounting import TreeSampler, busy_cpu, machine_info, proc_cpu, summarize_profile
 from bench.figures import LIKE_FOR_LIKE, fps, per_field, ratio_vs_seed
 from bench.runs import prefetchd_options, run_one
-from prefetchd.planner.bound import bounds_for
+from prefetchd.bounds import bounds_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("baseline-u16", "baseline-guide", "s3torch-u16", "prefetchd-opencv", "prefetchd")

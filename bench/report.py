@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.figures import fps, per_field, ratio_vs_seed
-from prefetchd.planner.bound import schedule_sequence, simulate
+from prefetchd.bounds import schedule_sequence, simulate
 
 COLUMNS = ("system", "fields/s", "stall", "stall after 1st batch", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",

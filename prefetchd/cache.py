@@ -7,7 +7,7 @@ unleased slots in least-recently-used order (`evictable`); leased and filling sl
 Hit accounting (`lease`): a use is a hit only when its slot already served a use since it was filled; the
 first use after a fill is a miss whether the fill was a prefetch or a demand fetch — the same count as a
 demand-fetch cache (every fetch is a miss), so the per-epoch hit rate compares directly with the offline
-Belady/LRU bounds (`prefetchd/planner/bound.py`).
+Belady/LRU bounds (`prefetchd/bounds.py`).
 """
 
 from __future__ import annotations

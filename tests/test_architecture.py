@@ -154,8 +154,9 @@ def test_error_codes_are_enum_members_and_come_back_as_their_class():
 
 
 def test_the_client_side_does_not_load_the_daemons_data_path():
-    """Trainer ranks import the client and the trainer's config: no S3 client, HTTP stack or Arrow for them."""
-    code = ("import sys; import prefetchd.client, prefetchd.config, trainer.config\n"
+    """Trainer ranks import the client and the trainer's config, the benchmark's consumer processes import
+    bench.compare: no S3 client, HTTP stack or Arrow for them (it would show in their measured memory)."""
+    code = ("import sys; import prefetchd.client, prefetchd.config, trainer.config, bench.compare\n"
             "print(sorted(m for m in ('botocore', 'aiohttp', 'pyarrow', 'prefetchd.planner', 'prefetchd.fetch') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -1,7 +1,7 @@
 """`belady` prefetching loses no hit to offline MIN: the eviction rule on SlotCache, MIN's "doomed" residents,
 the real Job in-process (instant store), and a real daemon against moto's S3 counting GETs.
 
-The bound is prefetchd.planner.bound.simulate(): a demand-fetch cache of `cache_size` fields over the same schedule.
+The bound is prefetchd.bounds.simulate(): a demand-fetch cache of `cache_size` fields over the same schedule.
 A use is a hit only when its slot already served a use since it was filled (a prefetched field's first use is
 a miss), so the daemon's misses per epoch compare one to one with the bound's.
 """
@@ -28,7 +28,7 @@ from prefetchd.filler import quarantine_field
 from prefetchd.job import Job
 from prefetchd.options import JobSpec
 from prefetchd.planner.belady import farthest, min_evictions, take_doomed_slot
-from prefetchd.planner.bound import schedule_sequence, simulate
+from prefetchd.bounds import schedule_sequence, simulate
 from prefetchd.preprocess import Preprocessing
 from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import schedule

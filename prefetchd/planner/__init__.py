@@ -1,5 +1,6 @@
 """The prefetch planner: which fields to fetch ahead and which slot each may take. One class per eviction
-policy (`lru.py`, `belady.py`), the shared windows and depth in `base.py`, the offline bounds in `bound.py`.
+policy (`lru.py`, `belady.py`), the shared windows and depth in `base.py`; the offline bounds they are measured
+against are in `prefetchd/bounds.py`.
 
 To change eviction, change (or add) a planner class here and its name in `prefetchd/policy.py`; nothing else
 branches on the policy.

@@ -7,7 +7,7 @@ next use ("doomed": its next use is a MIN miss anyway). That is the "do no harm"
 and filling slots never. When no doomed field is free to go (typically MIN's victims are in the batch a rank
 still holds), the prefetcher waits, in order, until a release or a finished fill changes that. The fields
 fetched are then MIN's on the same reference string, so the per-epoch hit rate matches the offline Belady bound
-of a demand-fetch cache of `cache_size` fields (`bound.simulate`), and the window fills as deep as the cache
+of a demand-fetch cache of `cache_size` fields (`prefetchd.bounds.simulate`), and the window fills as deep as the cache
 allows beyond what MIN keeps: the larger the cache relative to window + leased batches, the fewer prefetches wait.
 
 One exception keeps the daemon's purpose (no stall) first (`guarded`): a rank that keeps each batch longer than a

@@ -1,5 +1,6 @@
 """Offline hit-rate bounds of a demand-fetch cache over a known schedule: what `belady` prefetching must match
-(MIN) and what `lru` can do, per epoch. Used by the tests of the planners and by the benchmark's tables."""
+(MIN) and what `lru` can do, per epoch. Used by the tests of the planners and by the benchmark's tables; kept
+out of the planner package so that the benchmark's processes do not import the daemon's data path."""
 
 from __future__ import annotations
 
