@@ -48,11 +48,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultproxy import FaultProxy  # noqa: E402
 
 from bench.delivery import SourceFields, Tally, digest, signatures  # noqa: E402
-from prefetchd import synth  # noqa: E402
+from prefetchd.dev import synth  # noqa: E402
 from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS  # noqa: E402
 from prefetchd.control import request  # noqa: E402
-from prefetchd.daemon_process import DaemonProcess  # noqa: E402
-from prefetchd.locals3 import LocalS3  # noqa: E402
+from prefetchd.dev.daemon_process import DaemonProcess  # noqa: E402
+from prefetchd.dev.locals3 import LocalS3  # noqa: E402
 
 BATCH = 4
 RANDOM_FAULTS = ("503", "500", "reset", "truncate", "corrupt", "stall")

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
-from prefetchd.dataset import absolute_local_root, unseen_local_root_hint
-from prefetchd.errors import DaemonNotRunning, PrefetchdError
+from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
+from prefetchd.errors import AttachConflict, DaemonNotRunning, DaemonStopping, ErrorCode, IndexBuilding
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -81,9 +81,8 @@ class Stream:
         self._ensure_connected()
         try:
             reply = self._conn.request("next", epoch=epoch, batch=index)
-        except PrefetchdError as exc:
-            daemon_went_away = isinstance(exc, DaemonNotRunning) or exc.code == "stopping"
-            if not daemon_went_away or self._attach_request is None or self.reconnect_timeout_s <= 0:
+        except (DaemonNotRunning, DaemonStopping):   # the daemon went away
+            if self._attach_request is None or self.reconnect_timeout_s <= 0:
                 raise
             self._reattach()
             reply = self._conn.request("next", epoch=epoch, batch=index)
@@ -124,10 +123,9 @@ class Stream:
                     conn.close()
                     raise
                 break
-            except PrefetchdError as exc:
-                # rank_taken: the daemon has not yet seen our previous connection close
-                if not (isinstance(exc, DaemonNotRunning) or exc.code in ("stopping", "index_building", "rank_taken")):
-                    raise
+            except (DaemonNotRunning, DaemonStopping, IndexBuilding, AttachConflict) as exc:
+                if isinstance(exc, AttachConflict) and exc.code != ErrorCode.RANK_TAKEN:
+                    raise  # rank_taken only: the daemon has not yet seen our previous connection close
                 if time.monotonic() > deadline:
                     raise DaemonNotRunning(
                         f"the prefetchd daemon at {socket_path} did not come back within "
@@ -203,7 +201,7 @@ def attach(
         except BaseException as exc:
             conn.close()
             code = getattr(exc, "code", None)
-            if code == "rank_taken" and time.monotonic() < released_by:
+            if code == ErrorCode.RANK_TAKEN and time.monotonic() < released_by:
                 # A restarted process (torchrun restarts a failed worker at once) can be faster than the
                 # daemon in noticing that its predecessor's connection is gone: wait for the rank, bounded.
                 if not waiting:
@@ -212,7 +210,7 @@ def attach(
                     waiting = True
                 time.sleep(0.2)  # polling for the rank to be released, bounded by released_by
                 continue
-            hint = unseen_local_root_hint(dataset) if code == "no_root" else None
+            hint = unseen_local_root_hint(dataset) if code == ErrorCode.NO_ROOT else None
             if hint:
                 raise type(exc)(hint, code=exc.code) from None
             raise

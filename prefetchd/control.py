@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from prefetchd.config import resolve_socket
-from prefetchd.errors import DaemonNotRunning, DaemonTimeout, ProtocolError, error_from_reply
-from prefetchd.protocol import MAX_LINE, encode
+from prefetchd.errors import DaemonNotRunning, DaemonTimeout, ProtocolError
+from prefetchd.protocol import MAX_LINE, encode, error_from_reply
 
 REPLY_LIMIT = MAX_LINE * 16        # bytes in one reply line (status of many jobs is the largest)
 CONNECT_BACKOFF_S = (0.005, 0.1)   # first and largest pause between connects while the backlog is full

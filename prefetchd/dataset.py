@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from prefetchd.channels import DEFAULT_CHANNELS, parse_channels
 from prefetchd.errors import DatasetError
+from prefetchd.storage import LocalDirectory, S3Location, Storage
 
 DEFAULT_DATASET = (
     "JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images"
@@ -34,25 +35,31 @@ _KEYS: dict[str, dict[str, bool]] = {
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    bucket: str | None = None
-    prefix: str = ""
-    root: str | None = None
+    storage: Storage          # where the objects live: S3Location or LocalDirectory
     max_samples: int | None = None
     channels: tuple[str, ...] = DEFAULT_CHANNELS
     index: str | None = None
     text: str = field(default="", compare=False)
 
     @property
-    def is_local(self) -> bool:
-        return self.name == "JUMPLocal"
+    def bucket(self) -> str | None:
+        return getattr(self.storage, "bucket", None)
+
+    @property
+    def prefix(self) -> str:
+        return getattr(self.storage, "prefix", "")
+
+    @property
+    def root(self) -> str | None:
+        return getattr(self.storage, "root", None)
 
     @property
     def location(self) -> str:
-        return self.root if self.is_local else f"s3://{self.bucket}/{self.prefix}"
+        return self.storage.url
 
     def cache_key(self, endpoint: str | None) -> str:
         """Key of the on-disk index cache: the listing depends on where, not on which subset is used."""
-        where = f"local:{os.path.abspath(self.root)}" if self.is_local else f"s3:{endpoint or 'aws'}:{self.bucket}/{self.prefix}"
+        where = self.storage.cache_where(endpoint)
         return hashlib.sha256(f"{where}|index={self.index or ''}".encode()).hexdigest()[:24]
 
 
@@ -107,7 +114,7 @@ def parse_dataset(text: str) -> DatasetSpec:
     channels = parse_channels(values.get("channels"))
     if name == "JUMPLocal":
         root = os.path.expanduser(values["root"])
-        return DatasetSpec(name, root=root, max_samples=max_samples, channels=channels,
+        return DatasetSpec(name, LocalDirectory(root), max_samples=max_samples, channels=channels,
                            index=values.get("index"), text=text)
     bucket = values["bucket"]
     if "://" in bucket:
@@ -121,55 +128,5 @@ def parse_dataset(text: str) -> DatasetSpec:
         raise DatasetError(f"bucket names use only ASCII letters, digits, '.', '-' and '_' (S3 naming rules), "
                            f"got {bucket!r}: fix bucket= in the dataset string")
     prefix = values.get("prefix", "").strip("/")
-    return DatasetSpec(name, bucket=bucket, prefix=prefix, max_samples=max_samples,
+    return DatasetSpec(name, S3Location(bucket, prefix), max_samples=max_samples,
                        channels=channels, index=values.get("index"), text=text)
-
-
-# ---- local roots, seen from the client ---------------------------------------------------------------
-# A JUMPLocal root is a path on the trainer's machine: the client makes it absolute before the daemon (whose
-# working directory is elsewhere) sees it, and explains when the daemon cannot see a directory the client can.
-
-_SANDBOXED = {  # directory -> the unit setting that hides it from the service, and the way to grant one path
-    "/home": ("ProtectHome=yes", "ProtectHome=tmpfs and BindReadOnlyPaths={root}"),
-    "/root": ("ProtectHome=yes", "ProtectHome=tmpfs and BindReadOnlyPaths={root}"),
-    "/run/user": ("ProtectHome=yes", "ProtectHome=tmpfs and BindReadOnlyPaths={root}"),
-    "/tmp": ("PrivateTmp=yes", None),
-    "/var/tmp": ("PrivateTmp=yes", None),
-}
-
-
-def absolute_local_root(text: str) -> str:
-    """`JUMPLocal:root=data` → `JUMPLocal:root=/abs/data` (relative to this process); anything else unchanged."""
-    try:
-        spec = parse_dataset(text)
-    except DatasetError:
-        return text  # the daemon reports it, with the same message
-    if not spec.is_local:
-        return text
-    root = text.split(":root=", 1)[1].split(":", 1)[0]
-    absolute = os.path.abspath(os.path.expanduser(root))
-    return text if absolute == root else text.replace(f":root={root}", f":root={absolute}", 1)
-
-
-def unseen_local_root_hint(text: str) -> str | None:
-    """Why the daemon cannot read a local root that exists for this process, and what to do; None otherwise."""
-    try:
-        spec = parse_dataset(text)
-    except DatasetError:
-        return None
-    if not spec.is_local or not os.path.isdir(spec.root):
-        return None
-    root = os.path.abspath(spec.root)
-    hidden = next((d for d in _SANDBOXED if root == d or root.startswith(d + "/")), None)
-    if hidden is None:
-        return (f"the prefetchd daemon cannot read {root}, though this process can: it runs as another user or "
-                f"in another mount namespace; make {root} readable by the daemon's user (group prefetchd), or run "
-                "a daemon of your own (`prefetchd serve --socket PATH`); see docs/operations.md")
-    setting, grant = _SANDBOXED[hidden]
-    fixes = ["copy the data to a directory outside /home and /tmp that group prefetchd can read (e.g. /srv/jump)"]
-    if grant:
-        fixes.append(f"grant this one with `systemctl edit prefetchd`: {grant.format(root=root)}")
-    fixes.append("run a daemon of your own (`prefetchd serve --socket PATH`)")
-    return (f"the prefetchd daemon cannot read {root}, though this process can: a daemon run by systemd does not "
-            f"see {hidden} ({setting} in prefetchd.service). Either " + ", or ".join(fixes) +
-            "; see docs/operations.md")

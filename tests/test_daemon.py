@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from prefetchd import synth
+from prefetchd.dev import synth
 from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request
@@ -291,7 +291,7 @@ def test_client_raises_daemon_not_running(tmp_path):
 
 def test_daemon_killed_mid_epoch_and_restarted_loses_and_duplicates_nothing(synthetic, tmp_path_factory):
     """Judged from the pixels the reader received, not from the ids in the daemon's replies."""
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
 
     source = SourceFields(synthetic.manifest, DEFAULT_CHANNELS)
     tally = Tally(world_size=1, batches_per_epoch=synthetic.spec.field_count // 3, fields=source.ids)

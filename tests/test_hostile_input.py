@@ -21,7 +21,7 @@ from bench.delivery import SourceFields, Tally
 from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request
-from prefetchd.dataset import absolute_local_root, unseen_local_root_hint
+from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
 from prefetchd.errors import ConfigError, PrefetchdError
 from prefetchd.options import MAX_WORLD_SIZE, check_attach_sizes
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from prefetchd.errors import ConfigError
+from prefetchd.preprocess.clahe import check_params
 from prefetchd.preprocess.clahe import clahe as _clahe_cpu
 from prefetchd.preprocess.clahe import rescale as _rescale
 
@@ -39,11 +40,6 @@ class RescaleOptions:
 DEFAULT_RESCALE = RescaleOptions()
 DEFAULT_CLAHE = ClaheOptions()
 _UNSET: Any = object()
-# Bounds on what one attach may ask the decode workers to do. A clip limit at or above `bins` already means
-# "no clipping", so 65536 loses nothing; the tables of one image hold tile_grid² × bins entries.
-MAX_CLIP_LIMIT = 65536.0
-MAX_TILE_GRID = 64
-MAX_CLAHE_TABLE_ENTRIES = 1 << 24      # 64 tiles² × 4096 bins, 16 tiles² × 65536 bins
 
 
 def _number(name: str, value: Any, accepted: str) -> float:
@@ -71,22 +67,10 @@ def parse_clahe(clahe: Any) -> ClaheOptions | None:
     unknown = sorted(set(clahe) - set(CLAHE_KEYS))
     if unknown:
         raise ConfigError(f"unknown clahe option(s) {unknown}; accepted: {', '.join(CLAHE_KEYS)}")
-    clip_range = f"> 0 and <= {MAX_CLIP_LIMIT:g}"
-    clip = _number("clahe.clip_limit", clahe.get("clip_limit", DEFAULT_CLAHE.clip_limit), clip_range)
-    if not 0 < clip <= MAX_CLIP_LIMIT:
-        raise ConfigError(f"clahe.clip_limit must be {clip_range} (at or above bins it no longer limits anything; "
-                          f"ours defaults to 3, OpenCV's to 40), got {clip:g}")
-    tile_range = f">= 1 and <= {MAX_TILE_GRID}"
-    tiles = _integer("clahe.tile_grid", clahe.get("tile_grid", DEFAULT_CLAHE.tile_grid), tile_range)
-    if not 1 <= tiles <= MAX_TILE_GRID:
-        raise ConfigError(f"clahe.tile_grid must be an integer {tile_range} (tiles per side; 8 is usual), got {tiles}")
+    clip = _number("clahe.clip_limit", clahe.get("clip_limit", DEFAULT_CLAHE.clip_limit), "> 0")
+    tiles = _integer("clahe.tile_grid", clahe.get("tile_grid", DEFAULT_CLAHE.tile_grid), ">= 1")
     bins = _integer("clahe.bins", clahe.get("bins", DEFAULT_CLAHE.bins), "in [2, 65536]")
-    if not 2 <= bins <= 65536:
-        raise ConfigError(f"clahe.bins must be an integer in [2, 65536], got {bins}")
-    if tiles * tiles * bins > MAX_CLAHE_TABLE_ENTRIES:
-        raise ConfigError(f"clahe.tile_grid² × clahe.bins must be at most {MAX_CLAHE_TABLE_ENTRIES} table entries per "
-                          f"image, got {tiles}² × {bins}: lower tile_grid (at most "
-                          f"{math.isqrt(MAX_CLAHE_TABLE_ENTRIES // bins)} with {bins} bins) or bins")
+    check_params(clip, tiles, bins, error=ConfigError, prefix="clahe.", bounded=True)
     where = clahe.get("where", DEFAULT_CLAHE.where)
     if where not in WHERE:
         raise ConfigError(f"clahe.where must be one of {', '.join(WHERE)}, got {where!r}")
