@@ -64,15 +64,17 @@ def test_training_logs_checkpoints_and_resumes_exactly(synthetic, daemon, tmp_pa
     assert [m["first_id"] for m in stitched] == [m["first_id"] for m in uninterrupted]
     assert [m["loss"] for m in stitched] == [m["loss"] for m in uninterrupted]
     assert uninterrupted[3]["data_epoch"] == 1 and uninterrupted[3]["batch_index"] == 0
-    for key in ("loss", "dino_loss", "koleo_loss", "lr", "wd", "samples_per_s", "data_wait_share",
-                "daemon_hit_rate", "daemon_fetch_mb_per_s"):
+    for key in ("loss", "dino_loss", "koleo_loss", "ibot_loss", "lr", "wd", "samples_per_s", "fields_per_s",
+                "data_wait_share", "daemon_hit_rate", "daemon_fetch_mb_per_s"):
         assert key in uninterrupted[-1]
     assert f"log: checkpoints/full/logs/log.txt" in full.stdout.replace(str(tmp_path) + "/", "")
 
     state = torch.load(run / "ckpt" / "model_0000006.pth", weights_only=True)
     assert (run / "ckpt" / "model_0000004.pth").exists()
-    assert state["iteration"] == 6 and state["data"] == {"epoch": 2, "batch": 0}
-    assert {"student", "teacher", "optimizer", "dino_loss", "rng", "config"} <= set(state)
+    assert state["iteration"] == 6 and state["data"] == {"epoch": 2, "samples": 0}
+    at_4 = torch.load(run / "ckpt" / "model_0000004.pth", weights_only=True)
+    assert at_4["data"] == {"epoch": 1, "samples": 8}  # one batch of 8 into data epoch 1
+    assert {"student", "teacher", "optimizer", "dino_loss", "ibot_patch_loss", "rng", "config"} <= set(state)
     final_part = torch.load(tmp_path / "checkpoints" / "part" / "ckpt" / "model_0000006.pth", weights_only=True)
     for key, value in state["teacher"].items():
         assert torch.equal(value, final_part["teacher"][key]), key

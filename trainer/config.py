@@ -17,10 +17,16 @@ DEFAULTS = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
 REQUIRED = ("train.dataset_path",)
 CHOICES = {
     "train.multiview_mode": ("channel_as_view", "all_channels"),
+    "train.centering": ("centering", "sinkhorn_knopp"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base"),
     "s3.policy": ("lru", "belady"),
     "compute_precision.param_dtype": ("bf16", "fp32"),
+}
+# Keys computed from others (DINOv2 sets optim.lr from optim.base_lr): setting one names the key to set.
+DERIVED = {
+    "optim.lr": "optim.lr is computed from optim.base_lr (the lr for a global batch of 1024) and "
+                "optim.scaling_rule; set optim.base_lr instead",
 }
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
 FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe")
@@ -69,6 +75,8 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
 
 
 def _check_type(path: str, value: Any, ref: Any) -> Any:
+    if path in DERIVED and value is not None:
+        raise TrainerError(DERIVED[path])
     if path in CHOICES and value not in CHOICES[path]:
         raise TrainerError(f"{path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
     if ref is None or value is None or path in FREE_FORM:
