@@ -111,6 +111,20 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                                  f"s3.socket={tmp_path / 'none.sock'}"]), "no prefetchd daemon is listening")
 
 
+def test_run_folder_is_named_after_the_config_and_never_reused_silently(tmp_path, capsys):
+    args = ["--config", str(TINY), "--no-wandb", f"train.output_dir={tmp_path}",
+            "train.dataset_path=Synthetic:fields=16:size=48", "train.stop_after_iters=1"]
+    assert train_main(args) == 0
+    assert len(_log(tmp_path / "test_tiny")) == 1  # checkpoints/<config name>/logs/log.txt
+    capsys.readouterr()
+    _assert_one_line(capsys, train_main(args), f"{tmp_path / 'test_tiny'} already holds a run; continue it with --resume")
+    assert len(_log(tmp_path / "test_tiny")) == 1  # untouched
+    assert train_main([*args[:-1], "--resume", "train.stop_after_iters=2"]) == 0  # the config's run
+    assert [m["iteration"] for m in _log(tmp_path / "test_tiny")] == [1, 2]
+    assert train_main([*args, "--run-name", "other"]) == 0
+    assert len(_log(tmp_path / "other")) == 1
+
+
 def test_wandb_goes_offline_with_a_notice_when_not_logged_in(synthetic, daemon, tmp_path):
     d = daemon()
     home = tmp_path / "home"

@@ -193,29 +193,34 @@ class TrainLoop:
             self.log = MetricLog(run_dir, self.total_iters, wandb_run)
 
     def run(self, iteration: int, position: DataPosition) -> Path:
-        self._install_preemption_handler()
-        source = make_source(self.cfg, self.rank, self.world_size)
+        previous_handlers = self._install_preemption_handler()
+        source = None
         try:
+            source = make_source(self.cfg, self.rank, self.world_size)
             self._check_source(source)
             self.device_clahe = trainer_clahe_options(source)
             iteration = self._loop(source, iteration, position)
         finally:
-            source.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            if source is not None:
+                source.close()
             if self.log is not None:
                 self.log.close()
                 if self.log.wandb_run is not None:
                     self.log.wandb_run.finish()
         return self.run_dir
 
-    def _install_preemption_handler(self) -> None:
-        """SIGTERM (torchrun, Slurm, Kubernetes) or SIGUSR1 (Slurm's warning): finish the step, checkpoint, stop."""
+    def _install_preemption_handler(self) -> dict:
+        """SIGTERM (torchrun, Slurm, Kubernetes) or SIGUSR1 (Slurm's warning): finish the step, checkpoint, stop.
+
+        Returns the handlers it replaced (restored when the run ends: the trainer may run inside another program)."""
         self.preempted = False
 
         def request_stop(signum, frame) -> None:
             self.preempted = True
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _check_source(self, source) -> None:
         if source.batches_per_epoch == 0:
@@ -347,8 +352,17 @@ def _to_unit(view: torch.Tensor):
     return ((img - img.min()) / (img.max() - img.min() + 1e-6)).cpu().numpy()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_intermixed_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: a bare --resume followed by an override, not a run called "key=value"
+        args.opts.insert(0, args.resume)
+        args.resume = ""
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         distributed.enable_distributed()
         cfg, run_dir, state = setup(args)
