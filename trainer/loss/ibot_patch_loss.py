@@ -37,17 +37,14 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 — DINOv2's name
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """Center ← EMA of the mean masked-patch output (mean over patches on each rank, then over ranks)."""
-        if teacher_patch_tokens.shape[0]:
-            local_mean = teacher_patch_tokens.float().mean(0, keepdim=True)
-            present = torch.ones(1, device=teacher_patch_tokens.device)
-        else:  # no masked patch on this rank this step
-            local_mean = teacher_patch_tokens.new_zeros(1, self.center.shape[-1], dtype=torch.float32)
-            present = torch.zeros(1, device=teacher_patch_tokens.device)
+        """Center ← EMA of the mean masked-patch output (mean over patches on each rank, then over the ranks that
+        had masked patches; unchanged when none had). No host sync: the skip is a `torch.where`."""
+        n = teacher_patch_tokens.shape[0]
+        local_mean = teacher_patch_tokens.float().sum(0, keepdim=True) / max(n, 1)
+        present = torch.full((1,), float(n > 0), device=teacher_patch_tokens.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local_mean)
             dist.all_reduce(present)
-        if present.item() == 0:
-            return
-        batch_center = (local_mean / present).unsqueeze(0)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        batch_center = (local_mean / present.clamp(min=1.0)).unsqueeze(0)
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(torch.where(present > 0, updated, self.center))
