@@ -56,6 +56,8 @@ RUNS = {  # name: (recipe overrides, samples_per_field)
     "dinov2": (DINOV2, 1),
     "dinov2-k4": (DINOV2, 4),
 }
+LABELS = {"dino": "DINO only (DINO + KoLeo, centering)", "dinov2": "DINOv2 recipe",
+          "dinov2-k4": "DINOv2 recipe, samples_per_field 4"}
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon = DaemonProcess(tmp / "p.sock", [f"cache_dir={tmp / 'cache'}"], log_path=tmp / "daemon.log").start()
         try:
             base = load_config(None, run_overrides("dinov2", data, args.iters, args.opts))
-            rows.append(("random init", "-", "-", "-", 0, 0.0, teacher_accuracy(base, None, reference, held_out)))
+            rows.append(("random init (DINOv2 architecture)", "-", "-", "-", 0, 0.0,
+                         teacher_accuracy(base, None, reference, held_out)))
             for name in runs:
                 overrides = run_overrides(name, data, args.iters, args.opts)
                 t0 = time.perf_counter()
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(None, overrides)
                 state = load_checkpoint(find_checkpoint(tmp / "checkpoints" / name))
                 k, batch = cfg["train"]["samples_per_field"], cfg["train"]["batch_size_per_gpu"]
-                rows.append((name, k, batch, batch * k, args.iters * batch, train_s,
+                rows.append((LABELS[name], k, batch, batch * k, args.iters * batch, train_s,
                              teacher_accuracy(cfg, state, reference, held_out)))
         finally:
             daemon.stop()
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.iters} iterations of {CROP_SETS_PER_STEP} crop sets on CPU; kNN (k=5, cosine) on held-out wells, "
           f"chance {1 / len(synth.PHENOTYPES):.2f}")
     print()
-    print("| run | samples_per_field K | fields/step | crop sets/step | fields delivered | train s | kNN accuracy |")
+    print("| run | K | fields/step | crop sets/step | fields delivered | train s | kNN accuracy |")
     print("|---|---|---|---|---|---|---|")
     for name, k, batch, crop_sets, fields, train_s, acc in rows:
         print(f"| {name} | {k} | {batch} | {crop_sets} | {fields} | {train_s:.0f} | {acc:.3f} |")

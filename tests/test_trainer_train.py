@@ -103,6 +103,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     _assert_one_line(capsys, train_main(["--resume", str(garbage), "--no-wandb"]), "cannot read checkpoint")
     _assert_one_line(capsys, embed_main(["--checkpoint", str(garbage)]), "cannot read checkpoint")
     _assert_one_line(capsys, train_main(["--config", str(TINY), "optim.lrr=1"]), "accepted keys here: optim.epochs")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), f"train.output_dir={tmp_path}", "train.samples_per_field=0"]),
+                     "train.samples_per_field must be 1 or more")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), f"train.output_dir={tmp_path}",
+                                         "ibot.mask_ratio_min_max=[0.5,0.2]"]), "ibot.mask_ratio_min_max must be")
+    old = tmp_path / "old.pth"
+    torch.save({"format": 1, "student": {}, "teacher": {}, "optimizer": {}, "iteration": 1, "data": {},
+                "channels": [], "config": {}}, old)
+    _assert_one_line(capsys, train_main(["--resume", str(old), "--no-wandb"]), "checkpoint format 1")
     missing = tmp_path / "c.yaml"
     missing.write_text("optim:\n  epochs: 1\n")
     _assert_one_line(capsys, train_main(["--config", str(missing)]), "missing config key train.dataset_path")
