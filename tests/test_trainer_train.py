@@ -129,6 +129,9 @@ def test_run_folder_is_named_after_the_config_and_never_reused_silently(tmp_path
     assert len(_log(tmp_path / "test_tiny")) == 1  # untouched
     assert train_main([*args[:-1], "--resume", "train.stop_after_iters=2"]) == 0  # the config's run
     assert [m["iteration"] for m in _log(tmp_path / "test_tiny")] == [1, 2]
+    capsys.readouterr()
+    _assert_one_line(capsys, train_main([*args[:-1], "--resume", "student.num_register_tokens=3"]),
+                     "the checkpoint's model differs from this config's")
     assert train_main([*args, "--run-name", "other"]) == 0
     assert len(_log(tmp_path / "other")) == 1
 

@@ -157,10 +157,15 @@ def do_train(cfg: dict, run_dir: Path, state: dict | None, args) -> Path:
 
 
 def _restore(model: SSLMetaArch, optimizer, state: dict, rank: int, world_size: int) -> tuple[int, DataPosition]:
-    model.student.load_state_dict(state["student"])
-    model.teacher.load_state_dict(state["teacher"])
-    model.dino_loss.load_state_dict(state["dino_loss"])
-    model.ibot_patch_loss.load_state_dict(state["ibot_patch_loss"])
+    try:
+        model.student.load_state_dict(state["student"])
+        model.teacher.load_state_dict(state["teacher"])
+        model.dino_loss.load_state_dict(state["dino_loss"])
+        model.ibot_patch_loss.load_state_dict(state["ibot_patch_loss"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise TrainerError(f"the checkpoint's model differs from this config's (student.*, dino.head_*, ibot.*, "
+                           f"crops.global_crops_size changed?): {first}; resume with the run's values") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError:
