@@ -16,6 +16,7 @@ steps, float32, no compile) and says so: those are not GPU figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            code = train_main(["--config", str(RECIPE), "--no-wandb", "--run-name", "gpu-step", *overrides])
+            with contextlib.redirect_stdout(sys.stderr):  # the trainer's log/checkpoint lines: off the summary
+                code = train_main(["--config", str(RECIPE), "--no-wandb", "--run-name", "gpu-step", *overrides])
             if code != 0:
                 return code
             peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
@@ -117,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{train['centering']})")
     print(f"steps measured: {result['steps']} (after {warmup} warm-up steps); loss {result['loss_first']:.3f} → "
           f"{result['loss_last']:.3f}")
-    print(f"crop sets/s per GPU: {result['crop_sets_per_s']:.1f} (median step {result['step_s'] * 1000:.0f} ms)")
+    unit = "GPU" if gpu else "process"
+    print(f"crop sets/s per {unit}: {result['crop_sets_per_s']:.1f} (median step {result['step_s'] * 1000:.0f} ms)")
     print(f"data-wait share: {100 * result['data_wait_share']:.1f}%")
     print(f"peak GPU memory: {peak:.2f} GiB" if peak is not None else "peak GPU memory: n/a (CPU)")
     node = GPUS_PER_NODE * result["fields_per_s"]
-    print(f"fields/s the daemon must deliver: {result['fields_per_s']:.1f} per GPU, {node:.0f} for a node of "
+    print(f"fields/s the daemon must deliver: {result['fields_per_s']:.1f} per {unit}, {node:.0f} for a node of "
           f"{GPUS_PER_NODE} GPUs ({node * JUMP_FIELD_BYTES / 1e9:.2f} GB/s of decoded 5 × 1080² uint16 JUMP fields)")
     return 0
 

@@ -18,6 +18,7 @@ second half is held out. Prints one table. Not a timed test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in runs:
                 overrides = run_overrides(name, data, args.iters, args.opts)
                 t0 = time.perf_counter()
-                code = train_main(["--no-wandb", "--run-name", name, *overrides])
+                with contextlib.redirect_stdout(sys.stderr):  # the trainer's log/checkpoint lines: off the table
+                    code = train_main(["--no-wandb", "--run-name", name, *overrides])
                 if code != 0:
                     return code
                 train_s = time.perf_counter() - t0
