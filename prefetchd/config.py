@@ -23,7 +23,7 @@ _CHOICES = {
     "s3.verify_md5": ("auto", True, False),
     "s3.retry_mode": ("adaptive", "standard", "legacy"),
     "s3.get_concurrency": ("adaptive", "fixed"),
-    "s3.get_transport": ("auto", "botocore"),
+    "s3.get_transport": ("auto", "obstore", "aiohttp", "botocore"),
 }
 
 

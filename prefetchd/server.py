@@ -29,7 +29,7 @@ from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import PrefetchdError, ProtocolError
 from prefetchd.disk_tier import DiskTier
 from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
-from prefetchd.http_get import make_http_session
+from prefetchd.get_transport import make_get_transport
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job, JobSpec
 from prefetchd.notify import sd_notify, watchdog_interval_s
@@ -74,7 +74,7 @@ class Server:
         self._stack = contextlib.AsyncExitStack()
         self._server: asyncio.AbstractServer | None = None
         self.s3client: Any = None
-        self.http: Any = None    # aiohttp session for unsigned GETs (http_get.py); None: all through botocore
+        self.transport: Any = None    # how object GETs are made (get_transport.py: obstore by default)
         s3 = config.tree["s3"]
         # GETs in flight, all jobs together: adapts to throughput and backs off on 503 SlowDown.
         self.limiter = make_limiter(s3)
@@ -101,13 +101,12 @@ class Server:
         self.s3client = await self._stack.enter_async_context(make_s3_client(s3))
         # Throttles botocore retries on its own (signed GETs) still lower the GET limit.
         self.s3client.meta.events.register("needs-retry.s3.GetObject", self._on_botocore_retry)
-        if s3.get("unsigned", True) and s3.get("get_transport", "auto") == "auto":
-            self.http = await self._stack.enter_async_context(make_http_session(s3))
+        self.transport = await self._stack.enter_async_context(make_get_transport(s3))
         await self._bind()
         await self._start_metrics()
         endpoint = resolve_endpoint(s3.get("endpoint_url")) or "AWS S3"
-        log.info("prefetchd %s listening on %s (S3 endpoint: %s, decode workers: %d)",
-                 __version__, self.socket_path, endpoint, self.config.decode_workers)
+        log.info("prefetchd %s listening on %s (S3 endpoint: %s, GETs: %s, decode workers: %d)",
+                 __version__, self.socket_path, endpoint, self.transport.name, self.config.decode_workers)
         sd_notify("READY=1\nSTATUS=listening on " + str(self.socket_path))
 
     async def _bind(self) -> None:
@@ -376,7 +375,8 @@ class Server:
             return LocalStore(spec.root, self.limiter, self.counters)
         store: ObjectStore = S3Store(self.s3client, spec.bucket, self.limiter, self.counters,
                                      retries=int(self.config.get("s3.retries")),
-                                     verify_md5=self._verify_md5(), http=self.http)
+                                     verify_md5=self._verify_md5(),
+                                     getter=self.transport.getter(self.s3client, spec.bucket))
         tier = self.config.tree["disk_cache"]
         if tier["dir"] and tier["max_bytes"]:
             namespace = f"{resolve_endpoint(self.config.get('s3.endpoint_url')) or 'aws'}/{spec.bucket}"
