@@ -18,6 +18,7 @@ from botocore.exceptions import (
     IncompleteReadError,
     NoCredentialsError,
     ResponseStreamingError,
+    SSLError as BotoSSLError,
 )
 
 from prefetchd.counters import FetchCounters
@@ -99,7 +100,7 @@ class S3Store:
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
                     raise self._object_error(key, exc) from exc
-            except (aiohttp.ClientConnectorCertificateError, CertificateNotTrusted) as exc:   # no retry helps
+            except (aiohttp.ClientConnectorCertificateError, CertificateNotTrusted, BotoSSLError) as exc:  # no retry helps
                 self.counters.errors += 1
                 raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); for a private "
                                    "CA or a TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle",

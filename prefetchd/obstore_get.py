@@ -26,6 +26,7 @@ A store is built on the first GET, in the process that uses it: obstore's runtim
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import re
@@ -42,7 +43,8 @@ from prefetchd.s3 import resolve_endpoint
 # The overall request deadline obstore always applies (default 30 s) would fail a slow but moving body; a
 # stalled one is caught by the read timeout, as with botocore, so the overall one is only a backstop.
 REQUEST_DEADLINE = "1h"
-CREDENTIAL_TTL = dt.timedelta(minutes=5)    # obstore asks the provider again after this; botocore refreshes
+CREDENTIAL_TTL = dt.timedelta(minutes=5)
+REGION_LOOKUP_S = 10.0    # after a 301: how long HeadBucket may take to name the bucket's region    # obstore asks the provider again after this; botocore refreshes
 
 _STATUS = re.compile(r"Server returned non-2xx status code: (\d{3})([^:\n]*): ?(.*?)(?:\n\nDebug source:|\Z)", re.S)
 _DNS = re.compile(r'"dns error",\s*\w+\s*\{[^}]*?error:\s*"([^"]*)"', re.S)
@@ -170,8 +172,8 @@ async def bucket_region(client: Any, bucket: str) -> str | None:
     if client is None:
         return None
     try:
-        response = await client.head_bucket(Bucket=bucket)
+        response = await asyncio.wait_for(client.head_bucket(Bucket=bucket), REGION_LOOKUP_S)
         headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
     except Exception as exc:  # a 301 is a ClientError that still carries the header
-        headers = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        headers = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
     return headers.get("x-amz-bucket-region")
