@@ -115,7 +115,8 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 def group_name(name: str) -> str:
     """Thread pools by their name prefix: decode_0 → decode, tokio-runtime-w → tokio-runtime-w."""
-    return name.rstrip("0123456789_-") or name
+    name = name.rstrip("0123456789_-") or name
+    return "python threads" if name == "python" else name   # Python 3.11 does not name OS threads (decode, MD5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def daemon_env(ca_file: Path | None) -> dict[str, str]:
 
 
 def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: str, cores: int,
-            batch_size: int, log=print) -> Run:
+            batch_size: int, profile: bool = False, log=print) -> Run:
     from prefetchd.client import attach
     from prefetchd.daemon_process import DaemonProcess
 
@@ -165,12 +166,18 @@ def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: s
     daemon = DaemonProcess(sock, overrides, log_path=workdir / f"daemon-{scheme}-{transport}-{prep}-{cores}.log",
                            env=daemon_env(server.ca_file))
     own_affinity = os.sched_getaffinity(0)
+    spy = None
     try:
         daemon.start()
         pid = daemon.proc.pid
         pin(pid, mine)
         pin(server.proc.pid, others)
         os.sched_setaffinity(0, others)
+        if profile:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                    "--threads", "--nonblocking", "-o",
+                                    str(workdir / f"pyspy-{scheme}-{transport}-{prep}-{cores}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dataset = f"JUMPS3MultiView:bucket={BUCKET}:prefix={spec.prefix}"
         with attach(dataset, batch_size=batch_size, socket=sock, job=f"ceiling-{os.getpid()}",
                     cache_size=max(4 * batch_size, spec.field_count // 2), **PREPS[prep]) as stream:
@@ -201,6 +208,10 @@ def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: s
         run.error = f"{type(exc).__name__}: {exc}"
         log(f"  {scheme} {transport} {prep} {cores}: FAILED {run.error}")
     finally:
+        if spy is not None:
+            spy.send_signal(2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(20)
         os.sched_setaffinity(0, own_affinity)
         with contextlib.suppress(Exception):
             daemon.stop()
@@ -361,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="plates and logs (plates are reused across runs)")
     ap.add_argument("--markdown", help="write this benchmark's section into this file (e.g. BENCHMARKS.md)")
     ap.add_argument("--json", help="also write the runs as JSON here")
+    ap.add_argument("--py-spy", action="store_true", help="record each daemon with py-spy into the workdir")
     ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 32 small fields, http, off, 1 core")
     a = ap.parse_args(argv)
     if a.quick:
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cores:
                     for transport in transports:   # interleaved: drift in the machine's load hits all alike
                         r = run_one(server, spec, workdir, scheme=scheme, transport=transport, prep=prep, cores=c,
-                                    batch_size=a.batch_size)
+                                    batch_size=a.batch_size, profile=a.py_spy)
                         runs.append(r)
                         if not r.error:
                             print(f"{scheme:5} {transport:8} {prep:8} cores={c}  {r.fps:7.1f} fields/s  main "
