@@ -376,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 32 small fields, http, off, 1 core")
     a = ap.parse_args(argv)
     if a.quick:
-        a.fields, a.size, a.batch_size, a.schemes, a.preps, a.cores = 32, 256, 2, "http", "off", "1"
-        a.transports = a.transports if "--transports" in (argv or sys.argv) else "obstore"
+        given = argv if argv is not None else sys.argv[1:]
+        a.fields, a.size, a.batch_size, a.preps, a.cores = 32, 256, 2, "off", "1"
+        a.schemes = a.schemes if "--schemes" in given else "http"
+        a.transports = a.transports if "--transports" in given else "obstore"
     ncpu = len(os.sched_getaffinity(0))
     cores = [int(c) for c in a.cores.split(",")] if a.cores else list(range(1, ncpu + 1))
     transports = a.transports.split(",")
