@@ -342,6 +342,17 @@ def markdown_section(runs: list[Run], args, command: str, transports: list[str],
     return "\n".join(lines)
 
 
+def carry_section(path: Path, text: str) -> str:
+    """`text` (a regenerated BENCHMARKS.md, e.g. by bench.compare) with this benchmark's section from the file
+    at `path` put back, so regenerating one section never drops another."""
+    old = path.read_text() if path.exists() else ""
+    if MARK_START not in old or MARK_END not in old or MARK_START in text:
+        return text
+    section = MARK_START + old.split(MARK_START, 1)[1].split(MARK_END, 1)[0] + MARK_END
+    anchor = "\n## Reproduce"
+    return text.replace(anchor, "\n" + section + "\n" + anchor, 1) if anchor in text else text + "\n" + section + "\n"
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace this benchmark's section of BENCHMARKS.md (between its markers), leaving the others as they are."""
     text = path.read_text() if path.exists() else ""

@@ -35,3 +35,15 @@ def test_ceiling_quick_prints_the_ceiling_and_writes_only_its_section(tmp_path, 
     assert (md.parent / "docs/img/bench_ceiling_cores.png").stat().st_size > 0
     assert main(argv[:-2] + ["--markdown", str(md)]) == 0        # a second run replaces its section
     assert md.read_text().count(MARK_START) == 1 and md.read_text().count(MARK_END) == 1
+
+
+def test_regenerating_the_other_sections_keeps_the_ceiling_section(tmp_path):
+    from bench.ceiling import MARK_END, MARK_START, carry_section
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# old\n\n{MARK_START}\n## ceiling\nmain 0.5\n{MARK_END}\n\n## Reproduce\nold\n")
+    fresh = "# new\n\n## Dataset fits\nrows\n\n## Reproduce\nnew"
+    out = carry_section(md, fresh)
+    assert out.startswith("# new") and "main 0.5" in out and "old" not in out.replace("# old", "")
+    assert out.index("main 0.5") < out.index("## Reproduce")
+    assert carry_section(tmp_path / "missing.md", fresh) == fresh
