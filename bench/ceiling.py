@@ -153,7 +153,7 @@ def daemon_env(ca_file: Path | None) -> dict[str, str]:
 
 
 def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: str, cores: int,
-            batch_size: int, profile: bool = False, log=print) -> Run:
+            batch_size: int, verify_md5: str = "auto", profile: bool = False, log=print) -> Run:
     from prefetchd.client import attach
     from prefetchd.daemon_process import DaemonProcess
 
@@ -162,7 +162,7 @@ def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: s
     mine, others = set(cpus[:cores]), set(cpus[cores:]) or set(cpus)
     sock = Path(tempfile.mkdtemp(prefix="pfc-", dir="/tmp")) / "d.sock"
     overrides = [f"s3.endpoint_url={server.endpoint_url}", f"cache_dir={workdir / 'index'}", "log_level=warning",
-                 f"s3.get_transport={transport}", f"decode.workers={cores}"]
+                 f"s3.get_transport={transport}", f"decode.workers={cores}", f"s3.verify_md5={verify_md5}"]
     daemon = DaemonProcess(sock, overrides, log_path=workdir / f"daemon-{scheme}-{transport}-{prep}-{cores}.log",
                            env=daemon_env(server.ca_file))
     own_affinity = os.sched_getaffinity(0)
@@ -322,8 +322,9 @@ def markdown_section(runs: list[Run], args, command: str, transports: list[str],
         "(a CA made for the run, trusted through AWS_CA_BUNDLE); the daemon pinned to the given cores with "
         "`decode.workers` = cores, the server and the consumer on the other core(s) where there are any. Measured from "
         "the first batch to the end of the epoch; ms are CPU ms per field fetched. `main` = the event loop's thread "
-        "(/proc schedstat), `other` = every other thread of the daemon; ceiling = 1000 / main ms. MD5 checks are on "
-        "over http and off over https (`s3.verify_md5: auto`). `aiohttp` was the default GET transport before "
+        "(/proc schedstat), `other` = every other thread of the daemon; ceiling = 1000 / main ms. "
+        + ("MD5 checks are on over http and off over https (`s3.verify_md5: auto`). " if args.verify_md5 == "auto"
+           else f"`s3.verify_md5: {args.verify_md5}`. ") + "`aiohttp` was the default GET transport before "
         "`obstore`. See `python -m bench.ceiling --help`.",
         "",
         f"**Ceiling ({transports[0]}, worst of preprocessing off / defaults over http and https, {max(cores)} "
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="plates and logs (plates are reused across runs)")
     ap.add_argument("--markdown", help="write this benchmark's section into this file (e.g. BENCHMARKS.md)")
     ap.add_argument("--json", help="also write the runs as JSON here")
+    ap.add_argument("--verify-md5", default="auto", choices=("auto", "true", "false"),
+                    help="s3.verify_md5 for the daemon (auto: on over http, off over https)")
     ap.add_argument("--py-spy", action="store_true", help="record each daemon with py-spy into the workdir")
     ap.add_argument("--quick", action="store_true", help="a smoke run in seconds: 32 small fields, http, off, 1 core")
     a = ap.parse_args(argv)
@@ -412,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in cores:
                     for transport in transports:   # interleaved: drift in the machine's load hits all alike
                         r = run_one(server, spec, workdir, scheme=scheme, transport=transport, prep=prep, cores=c,
-                                    batch_size=a.batch_size, profile=a.py_spy)
+                                    batch_size=a.batch_size, verify_md5=a.verify_md5, profile=a.py_spy)
                         runs.append(r)
                         if not r.error:
                             print(f"{scheme:5} {transport:8} {prep:8} cores={c}  {r.fps:7.1f} fields/s  main "
