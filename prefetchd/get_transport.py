@@ -18,7 +18,7 @@ the LIST client keeps them, and a GET is never retried by both layers (issue #16
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from prefetchd.errors import ConfigError
@@ -44,13 +44,16 @@ class GetTransport:
     name: str
     http: Any = None          # aiohttp session (aiohttp)
     get_client: Any = None    # aiobotocore client without retries (botocore)
+    _obstores: dict = field(default_factory=dict)   # bucket -> getter: jobs on one bucket share its pool
 
     def getter(self, client: Any, bucket: str):
         """A getter for `bucket`; `client` is the daemon's botocore client (URLs, a 301's region)."""
         if self.name == "obstore":
             from prefetchd.obstore_get import ObstoreGetter
 
-            return ObstoreGetter(self.s3, bucket, client)
+            if bucket not in self._obstores:
+                self._obstores[bucket] = ObstoreGetter(self.s3, bucket, client)
+            return self._obstores[bucket]
         if self.name == "aiohttp":
             from prefetchd.http_get import HttpGetter
 
