@@ -7,7 +7,8 @@ Prints, per scheme and object size, the milliseconds of CPU per GET that `S3Stor
 in the whole process (`process`, every thread: obstore's Rust workers, TLS), and GETs/s. All transports run
 in this process, alternating round by round against the same server (`rclone serve s3`; https with a CA
 made for the run, trusted through AWS_CA_BUNDLE), so machine noise hits them alike. MD5 checks are off:
-this is the transport alone.
+this is the transport alone. When `awscrt` is installed (not a dependency) its S3Client runs too, over http,
+as a getter of the same shape: the Python API hands each body chunk to a callback under the GIL.
 """
 
 from __future__ import annotations
@@ -26,10 +27,47 @@ from bench.servers import S3Server
 from prefetchd.counters import FetchCounters
 from prefetchd.fetch import S3Store
 from prefetchd.get_transport import make_get_transport
+from prefetchd.http_get import Fetched
 from prefetchd.s3 import make_s3_client
 
 BUCKET = "getbench"
 TRANSPORTS = ("obstore", "aiohttp", "botocore")
+
+
+class CrtGetter:
+    """awscrt's S3Client (the CRT) as a getter: plain http to a local endpoint, body chunks via callback."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        from urllib.parse import urlsplit
+
+        from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+        from awscrt.s3 import S3Client, S3RequestTlsMode
+
+        u = urlsplit(endpoint)
+        self.host, self.bucket = u.netloc, bucket
+        group = EventLoopGroup()
+        self.client = S3Client(bootstrap=ClientBootstrap(group, DefaultHostResolver(group)), region="us-east-1",
+                               tls_mode=S3RequestTlsMode.DISABLED)
+
+    async def get(self, key: str) -> Fetched:
+        from awscrt.http import HttpHeaders, HttpRequest
+        from awscrt.s3 import S3RequestType
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        body = bytearray()
+
+        def on_done(error=None, **_):
+            result = (error, bytes(body))
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        request = HttpRequest("GET", f"/{self.bucket}/{key}", HttpHeaders([("host", self.host)]))
+        self._request = self.client.make_request(type=S3RequestType.DEFAULT, request=request, operation_name="GetObject",
+                                                 on_body=lambda chunk, offset, **_: body.extend(chunk), on_done=on_done)
+        error, data = await done
+        if error:
+            raise error
+        return Fetched(data, len(data), None)
 
 
 async def cpu_per_get(store: S3Store, key: str, gets: int, concurrency: int) -> tuple[float, float, float]:
@@ -58,7 +96,11 @@ async def measure(endpoint: str, scheme: str, sizes: list[int], gets: int, concu
             transport = await stack.enter_async_context(make_get_transport(cfg))
             stores[name] = S3Store(client, BUCKET, semaphore, FetchCounters(), verify_md5=False,
                                    getter=transport.getter(client, BUCKET))
-        print(f"{scheme:5} {'object bytes':>12}  " + "  ".join(f"{n + ' main/process ms, GET/s':>34}" for n in TRANSPORTS))
+        with contextlib.suppress(ImportError):
+            if scheme == "http":
+                stores["awscrt"] = S3Store(client, BUCKET, semaphore, FetchCounters(), verify_md5=False,
+                                           getter=CrtGetter(endpoint, BUCKET))
+        print(f"{scheme:5} {'object bytes':>12}  " + "  ".join(f"{n + ' main/process ms, GET/s':>34}" for n in stores))
         for size in sizes:
             totals = {name: [0.0, 0.0, 0.0] for name in stores}
             for _ in range(rounds):    # alternate, so drift in machine load hits all
