@@ -234,7 +234,7 @@ def row(r: Run) -> list[str]:
     if r.error or not r.fields:
         r.error = r.error or "no field fetched while measured (a longer epoch: --fields)"
         return [r.scheme, r.transport, r.prep, str(r.cores), "failed: " + r.error] + [""] * (len(COLUMNS) - 5)
-    top = sorted(r.threads.items(), key=lambda kv: -kv[1])[:3]
+    top = [kv for kv in sorted(r.threads.items(), key=lambda kv: -kv[1])[:3] if kv[1] * 1e3 / r.fields >= 0.05]
     return [r.scheme, r.transport, r.prep, str(r.cores), str(r.fields), f"{r.fps:.1f}", f"{r.main_ms:.2f}",
             f"{r.total_ms - r.main_ms:.1f}", f"{r.total_ms:.1f}", f"{r.ceiling_fps:,.0f}",
             ", ".join(f"{k} {v * 1e3 / r.fields:.1f}" for k, v in top), f"{r.other_cores:.2f}"]
@@ -293,9 +293,11 @@ def plot(runs: list[Run], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = [r for r in runs if not r.error and r.fields]
+    colours = {k: f"C{i}" for i, k in enumerate(dict.fromkeys((r.scheme, r.prep) for r in ok))}
+    styles = {t: s for t, s in zip(dict.fromkeys(r.transport for r in ok), ("o-", "s--", "^:", "d-."))}
     for key in dict.fromkeys((r.transport, r.scheme, r.prep) for r in ok):
         pts = sorted((r.cores, r.fps) for r in ok if (r.transport, r.scheme, r.prep) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if key[0] == "obstore" else "s--",
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[key[0]], color=colours[key[1:]],
                 label=f"{key[0]}, {key[1]}, {key[2]}")
     ax.set_xlabel("cores given to the daemon (taskset)")
     ax.set_ylabel("fields/s delivered")
