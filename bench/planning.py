@@ -30,10 +30,16 @@ from bench.ceiling import daemon_env, process_cpu, thread_cpu
 
 
 def ensure_dataset(workdir: Path, fields: int, size: int):
-    """The synthetic key layout for `fields` fields, every image the same `size`² TIFF (no rendering)."""
+    """The synthetic key layout for at least `fields` fields on whole 384-well plates of 9 sites (JUMP's),
+    every image the same `size`² TIFF (no rendering)."""
     from prefetchd import synth
 
-    spec = synth.demo_spec(fields=fields, size=size)
+    sites, wells = 9, synth.balanced_wells(384)     # JUMP: 384-well plates, 9 sites per well
+    plates = -(-fields // (sites * len(wells)))
+    spec = synth.SynthSpec(
+        batches={"2020_11_04_CPJUMP1": tuple((f"BR{117000 + p:08d}", f"2020-11-05T19_{p // 60:02d}_{p % 60:02d}")
+                                             for p in range(plates))},
+        wells=wells, sites=sites, height=size, width=size, with_illum=False)
     root = workdir / f"local-{spec.field_count}x{size}"
     marker = root / ".complete"
     if not marker.exists():
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'policy':7} {'slots':>6} {'ranks':>5} {'fields':>6} {'served':>7} {'fields/s':>9} {'hit rate':>8} "
           f"{'main ms/field':>13} {'total ms/field':>14}", flush=True)
     for slots in (int(s) for s in a.slots.split(",")):
-        spec, root = ensure_dataset(workdir, 2 * slots, a.size)
+        spec, root = ensure_dataset(workdir, 2 * slots, a.size)   # a dataset larger than the cache
         for policy in a.policies.split(","):
             r = run_one(root, spec, slots=slots, ranks=a.ranks, batch_size=a.batch_size, policy=policy,
                         epochs=a.epochs, workdir=workdir)
