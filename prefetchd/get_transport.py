@@ -18,10 +18,13 @@ the LIST client keeps them, and a GET is never retried by both layers (issue #16
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from prefetchd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "obstore", "aiohttp", "botocore")
 
@@ -48,6 +51,7 @@ class GetTransport:
 
     def getter(self, client: Any, bucket: str):
         """A getter for `bucket`; `client` is the daemon's botocore client (URLs, a 301's region)."""
+        log.debug("GETs from bucket %s through %s", bucket, self.name)
         if self.name == "obstore":
             from prefetchd.obstore_get import ObstoreGetter
 
