@@ -1,6 +1,6 @@
 """The daemon's serial cost per field at real cache sizes: planning (prefetch + eviction) and the control plane.
 
-    python -m bench.planning                         # 2,000 and 20,000 slots, 8 ranks (~10 min on 2 cores)
+    python -m bench.planning                         # 2,000 and 20,000 slots, 8 ranks (≤ 2 min measured each)
     python -m bench.planning --slots 2000 --ranks 8  # one size
 
 A real `prefetchd serve` and 8 ranks attached through the public client (one thread each) read two epochs of a
@@ -61,7 +61,7 @@ def ensure_dataset(workdir: Path, fields: int, size: int):
 
 
 def run_one(root: Path, spec, *, slots: int, ranks: int, batch_size: int, policy: str, epochs: int,
-            workdir: Path) -> dict:
+            workdir: Path, max_seconds: float) -> dict:
     from prefetchd.client import attach
     from prefetchd.daemon_process import DaemonProcess
 
@@ -78,15 +78,18 @@ def run_one(root: Path, spec, *, slots: int, ranks: int, batch_size: int, policy
         first = threading.Barrier(ranks + 1)
         served = [0] * ranks
         errors: list[BaseException] = []
+        stop = threading.Event()   # after max_seconds of measurement: a slow planner must not take an hour
 
         def consume(r: int) -> None:
             try:
                 for e in range(epochs):
                     for i, batch in enumerate(streams[r].epoch(e)):
                         if e == 0 and i == 0:
-                            first.wait(120)
+                            first.wait(600)
                         else:
                             served[r] += len(batch.ids)
+                        if stop.is_set():
+                            return
             except BaseException as exc:  # noqa: BLE001 — re-raised in the main thread
                 errors.append(exc)
                 with contextlib.suppress(threading.BrokenBarrierError):
@@ -95,19 +98,23 @@ def run_one(root: Path, spec, *, slots: int, ranks: int, batch_size: int, policy
         threads = [threading.Thread(target=consume, args=(r,), daemon=True) for r in range(ranks)]
         for t in threads:
             t.start()
-        first.wait(300)   # every rank has its first batch: the index is built, the arena exists
+        first.wait(600)   # every rank has its first batch: the index is built, the arena exists
         main0, total0, t0 = thread_cpu(pid)[pid][1], process_cpu(pid), time.perf_counter()
+        deadline = t0 + max_seconds
         for t in threads:
-            t.join(1800)
-        wall = time.perf_counter() - t0
+            t.join(max(0.0, deadline - time.perf_counter()))
         main1, total1 = thread_cpu(pid)[pid][1], process_cpu(pid)
+        wall = time.perf_counter() - t0
+        n = sum(served)
+        stop.set()
+        for t in threads:
+            t.join(600)
         if errors:
             raise errors[0]
         status = streams[0].status()
         job = next(j for j in status["jobs"] if j["job"] == "planning")
         for s in streams:
             s.close()
-        n = sum(served)
         return {"slots": slots, "ranks": ranks, "policy": policy, "fields": spec.field_count, "served": n,
                 "main_ms": (main1 - main0) * 1e3 / n, "total_ms": (total1 - total0) * 1e3 / n, "fps": n / wall,
                 "hit_rate": job["hit_rate"]}
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=32, help="image side (tiny: the planner is what is measured)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--policies", default="belady,lru")
+    ap.add_argument("--max-seconds", type=float, default=120.0,
+                    help="measure at most this long per run (from every rank's first batch)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "prefetchd-planning"))
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         spec, root = ensure_dataset(workdir, 2 * slots, a.size)   # a dataset larger than the cache
         for policy in a.policies.split(","):
             r = run_one(root, spec, slots=slots, ranks=a.ranks, batch_size=a.batch_size, policy=policy,
-                        epochs=a.epochs, workdir=workdir)
+                        epochs=a.epochs, workdir=workdir, max_seconds=a.max_seconds)
             results.append(r)
             print(f"{policy:7} {slots:>6} {a.ranks:>5} {r['fields']:>6} {r['served']:>7} {r['fps']:>9.1f} "
                   f"{r['hit_rate']:>8.0%} {r['main_ms']:>13.3f} {r['total_ms']:>14.3f}", flush=True)
