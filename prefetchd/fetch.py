@@ -7,7 +7,7 @@ import hashlib
 import logging
 import random
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import aiohttp
 from botocore.exceptions import (
@@ -54,8 +54,9 @@ class BadChecksum(Exception):
     """The body's MD5 is not the object's ETag: bytes changed in flight."""
 
 
-# An object's bytes: `bytes`, or a read-only buffer (obstore's `Bytes`) that decode reads in place.
-Body = Union[bytes, memoryview, Any]
+# An object's bytes: `bytes`, or a read-only buffer with the buffer protocol (obstore's `Bytes`), which decode,
+# MD5 and the disk tier read in place.
+Body = Any
 
 
 class ObjectStore(Protocol):

@@ -28,7 +28,7 @@ from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import PrefetchdError, ProtocolError
 from prefetchd.disk_tier import DiskTier
-from prefetchd.fetch import THROTTLE_CODES, LocalStore, ObjectStore, S3Store
+from prefetchd.fetch import LocalStore, ObjectStore, S3Store
 from prefetchd.get_transport import make_get_transport
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job, JobSpec
@@ -99,8 +99,6 @@ class Server:
             log.warning("removed %d shared-memory segment(s) left by a dead daemon: %s", len(reaped), ", ".join(reaped))
         s3 = self.config.tree["s3"]
         self.s3client = await self._stack.enter_async_context(make_s3_client(s3))
-        # Throttles botocore retries on its own (signed GETs) still lower the GET limit.
-        self.s3client.meta.events.register("needs-retry.s3.GetObject", self._on_botocore_retry)
         self.transport = await self._stack.enter_async_context(make_get_transport(s3))
         await self._bind()
         await self._start_metrics()
@@ -470,10 +468,6 @@ class Server:
     def _concurrency_status(self) -> dict[str, Any]:
         """The limiter's snapshot; throttles/decreases/increases are cumulative since start."""
         return {**self.limiter.snapshot(), "adaptive": self.limiter.adaptive}
-
-    def _on_botocore_retry(self, response=None, **_) -> None:
-        if response and response[1].get("Error", {}).get("Code") in THROTTLE_CODES:
-            self.limiter.on_throttle()
 
 
 def limiter_bounds(s3: dict[str, Any]) -> tuple[int, int]:
