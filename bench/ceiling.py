@@ -6,7 +6,7 @@
 
 The daemon's event loop is one thread, so whatever it spends per field caps the node however many cores it has
 (DESIGN.md, "One node at GPU rates"): ceiling = 1000 / main-thread ms per field. This streams one epoch of
-synthetic 5-channel uint16 fields (prefetchd.synth, real key names) from `rclone serve s3` on loopback — over
+synthetic 5-channel uint16 fields (prefetchd.dev.synth, real key names) from `rclone serve s3` on loopback — over
 http and over https with a certificate from a CA made for the run (trusted through AWS_CA_BUNDLE, as a private
 CA would be) — into a real `prefetchd serve`, for every GET transport asked for (obstore = the default;
 aiohttp = the previous default, the "before"), with preprocessing off, the defaults (illum, rescale, CLAHE), and
@@ -125,7 +125,7 @@ def group_name(name: str) -> str:
 
 def ensure_plates(data_dir: Path, fields: int, size: int):
     """Synthetic plates written straight into the served directory (rclone: a top-level folder is a bucket)."""
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     spec = synth.demo_spec(fields=fields, size=size)
     root = data_dir / BUCKET
@@ -155,7 +155,7 @@ def daemon_env(ca_file: Path | None) -> dict[str, str]:
 def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: str, cores: int,
             batch_size: int, verify_md5: str = "auto", profile: bool = False, log=print) -> Run:
     from prefetchd.client import attach
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
 
     run = Run(scheme, transport, prep, cores)
     cpus = sorted(os.sched_getaffinity(0))

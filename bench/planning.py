@@ -32,7 +32,7 @@ from bench.ceiling import daemon_env, process_cpu, thread_cpu
 def ensure_dataset(workdir: Path, fields: int, size: int):
     """The synthetic key layout for at least `fields` fields on whole 384-well plates of 9 sites (JUMP's),
     every image the same `size`² TIFF (no rendering)."""
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     sites, wells = 9, synth.balanced_wells(384)     # JUMP: 384-well plates, 9 sites per well
     plates = -(-fields // (sites * len(wells)))
@@ -63,7 +63,7 @@ def ensure_dataset(workdir: Path, fields: int, size: int):
 def run_one(root: Path, spec, *, slots: int, ranks: int, batch_size: int, policy: str, epochs: int,
             workdir: Path, max_seconds: float) -> dict:
     from prefetchd.client import attach
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
 
     sock = Path(tempfile.mkdtemp(prefix="pfp-", dir="/tmp")) / "d.sock"
     daemon = DaemonProcess(sock, [f"cache_dir={workdir / 'index'}", "log_level=warning"],

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from prefetchd.channels import DEFAULT_CHANNELS, parse_channels
 from prefetchd.errors import DatasetError
+from prefetchd.storage import LocalDirectory, S3Location, Storage
 
 DEFAULT_DATASET = (
     "JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images"
@@ -29,25 +30,31 @@ _KEYS: dict[str, dict[str, bool]] = {
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    bucket: str | None = None
-    prefix: str = ""
-    root: str | None = None
+    storage: Storage          # where the objects live: S3Location or LocalDirectory
     max_samples: int | None = None
     channels: tuple[str, ...] = DEFAULT_CHANNELS
     index: str | None = None
     text: str = field(default="", compare=False)
 
     @property
-    def is_local(self) -> bool:
-        return self.name == "JUMPLocal"
+    def bucket(self) -> str | None:
+        return getattr(self.storage, "bucket", None)
+
+    @property
+    def prefix(self) -> str:
+        return getattr(self.storage, "prefix", "")
+
+    @property
+    def root(self) -> str | None:
+        return getattr(self.storage, "root", None)
 
     @property
     def location(self) -> str:
-        return self.root if self.is_local else f"s3://{self.bucket}/{self.prefix}"
+        return self.storage.url
 
     def cache_key(self, endpoint: str | None) -> str:
         """Key of the on-disk index cache: the listing depends on where, not on which subset is used."""
-        where = f"local:{os.path.abspath(self.root)}" if self.is_local else f"s3:{endpoint or 'aws'}:{self.bucket}/{self.prefix}"
+        where = self.storage.cache_where(endpoint)
         return hashlib.sha256(f"{where}|index={self.index or ''}".encode()).hexdigest()[:24]
 
 
@@ -94,7 +101,7 @@ def parse_dataset(text: str) -> DatasetSpec:
     channels = parse_channels(values.get("channels"))
     if name == "JUMPLocal":
         root = os.path.expanduser(values["root"])
-        return DatasetSpec(name, root=root, max_samples=max_samples, channels=channels,
+        return DatasetSpec(name, LocalDirectory(root), max_samples=max_samples, channels=channels,
                            index=values.get("index"), text=text)
     bucket = values["bucket"]
     if "://" in bucket:
@@ -105,5 +112,5 @@ def parse_dataset(text: str) -> DatasetSpec:
     if not bucket or "/" in bucket:
         raise DatasetError(f"bucket must be a bare bucket name like 'cellpainting-gallery', got {bucket!r}")
     prefix = values.get("prefix", "").strip("/")
-    return DatasetSpec(name, bucket=bucket, prefix=prefix, max_samples=max_samples,
+    return DatasetSpec(name, S3Location(bucket, prefix), max_samples=max_samples,
                        channels=channels, index=values.get("index"), text=text)

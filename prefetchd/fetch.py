@@ -22,7 +22,7 @@ from botocore.exceptions import (
 )
 
 from prefetchd.counters import FetchCounters
-from prefetchd.errors import CorruptObjectError, StorageError
+from prefetchd.errors import CorruptObjectError, ErrorCode, StorageError
 from prefetchd.http_get import Fetched
 from prefetchd.obstore_get import CertificateNotTrusted
 from prefetchd.storage_errors import classify_storage_error
@@ -105,11 +105,11 @@ class S3Store:
                 self.counters.errors += 1
                 raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); for a private "
                                    "CA or a TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle",
-                                   code="tls") from exc
+                                   code=ErrorCode.TLS) from exc
             except NoCredentialsError as exc:
                 self.counters.errors += 1
                 raise CorruptObjectError(f"s3://{self.bucket}/{key}: {self._reason(exc).message}",
-                                         code="access_denied") from exc
+                                         code=ErrorCode.ACCESS_DENIED) from exc
             except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
@@ -118,7 +118,7 @@ class S3Store:
                     else:
                         reason = self._reason(exc).message
                     raise CorruptObjectError(f"s3://{self.bucket}/{key}: {reason} after {attempt + 1} attempts",
-                                             code="storage") from exc
+                                             code=ErrorCode.STORAGE) from exc
                 log.debug("retrying %s after %s", key, exc)
             self.counters.retries += 1
             await asyncio.sleep(backoff_s(attempt))

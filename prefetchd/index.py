@@ -22,7 +22,7 @@ from prefetchd.catalog import Catalog, CatalogBuilder, spread
 from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import EmptyDatasetError, PrefetchdError
 from prefetchd.index_cache import CacheWriteError, cache_file, load_catalog, save_catalog
-from prefetchd.listing import Progress, list_root, list_s3, read_index_file, walk_local
+from prefetchd.listing import Progress, read_index_file
 from prefetchd.s3 import resolve_endpoint
 from prefetchd.storage_errors import classify_storage_error
 
@@ -193,13 +193,13 @@ def select_index(catalog: Catalog, spec: DatasetSpec) -> Index:
 # ---- building --------------------------------------------------------------------------------------
 
 def _location(spec: DatasetSpec) -> str:
-    return spec.root if spec.is_local else f"s3://{spec.bucket}/{list_root(spec)}"
+    return spec.storage.describe()
 
 
 def _check_not_empty(catalog: Catalog, spec: DatasetSpec, source: str | None) -> None:
     where = f"index file {source} (for {_location(spec)})" if source else _location(spec)
     if catalog.keys_seen == 0:
-        hint = "fix index=/--keys-file" if source else ("fix root=" if spec.is_local else "fix prefix=")
+        hint = "fix index=/--keys-file" if source else spec.storage.fix_hint
         raise EmptyDatasetError(f"no objects under {where}: {hint} in the dataset string")
     if len(catalog) == 0:
         examples = ", ".join(catalog.unparsed_examples[:3])
@@ -221,10 +221,8 @@ async def collect_catalog(spec: DatasetSpec, s3cfg: dict, *, source: str | None 
     try:
         if source:
             await read_index_file(source, spec, s3cfg, builder.add)
-        elif spec.is_local:
-            await asyncio.to_thread(walk_local, spec.root, builder.add, progress)
         else:
-            await list_s3(spec, s3cfg, builder.add, progress)
+            await spec.storage.list_keys(spec, s3cfg, builder.add, progress)
     except PrefetchdError:
         raise
     except Exception as exc:

@@ -17,13 +17,15 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 from urllib.parse import unquote_plus
 
-from prefetchd.dataset import DatasetSpec
-from prefetchd.errors import DatasetError, StorageError
+from prefetchd.errors import DatasetError, ErrorCode, StorageError
 from prefetchd.layout import barcode_of
 from prefetchd.s3 import make_s3_client
+
+if TYPE_CHECKING:
+    from prefetchd.dataset import DatasetSpec
 
 Sink = Callable[[str, int, "str | None"], None]
 Progress = Callable[[int, int, int], None]  # (done plates, total plates so far, keys seen)
@@ -147,7 +149,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
     """Every file under root, as a path relative to root with '/' separators; returns the count."""
     if not os.path.isdir(root):
         raise StorageError(f"local dataset root {root} does not exist or is not a directory: fix root= in "
-                           "the dataset string (or copy the data there with `aws s3 sync`)", code="no_root")
+                           "the dataset string (or copy the data there with `aws s3 sync`)", code=ErrorCode.NO_ROOT)
     count = 0
     leaves = 0
     stack = [""]
@@ -158,7 +160,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
         except PermissionError:
             raise StorageError(f"cannot read {os.path.join(root, relative)}: permission denied; fix the "
                                "directory permissions or run as a user that can read it",
-                               code="no_root") from None
+                               code=ErrorCode.NO_ROOT) from None
         for entry in entries:
             path = f"{relative}{entry.name}"
             if entry.is_dir(follow_symlinks=True):
@@ -213,7 +215,7 @@ def parse_index_stream(stream: BinaryIO, spec: DatasetSpec, sink: Sink) -> int:
 
 
 def _keep(key: str, spec: DatasetSpec) -> bool:
-    return spec.is_local or not spec.prefix or key.startswith(spec.prefix + "/")
+    return spec.storage.holds(key)
 
 
 def _keys_file(text: io.TextIOBase, spec: DatasetSpec, sink: Sink) -> int:
@@ -286,12 +288,7 @@ def _load_data_folder(folder: str, spec: DatasetSpec) -> str:
     folder = folder.rstrip("/")
     if folder.startswith("s3://"):
         folder = folder[5:].partition("/")[2]
-    if spec.is_local:
-        root = os.path.abspath(spec.root).rstrip("/") + "/"
-        return folder[len(root):] if folder.startswith(root) else folder
-    if spec.prefix and spec.prefix in folder:
-        return folder[folder.index(spec.prefix):]
-    return folder
+    return spec.storage.relative_key(folder)
 
 
 async def read_index_file(source: str, spec: DatasetSpec, s3cfg: dict, sink: Sink) -> int:

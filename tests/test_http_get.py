@@ -16,7 +16,7 @@ from prefetchd.errors import CorruptObjectError, StorageError
 from prefetchd.fetch import S3Store
 from prefetchd.get_transport import make_get_transport, resolve_transport
 from prefetchd.http_get import object_url_template, quote_key
-from prefetchd.locals3 import admin_client, public_read_policy
+from prefetchd.dev.locals3 import admin_client, public_read_policy
 from prefetchd.s3 import make_s3_client
 
 from faultproxy import FaultProxy
