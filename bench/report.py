@@ -375,4 +375,6 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
               "## Reliability", "",
               "Faults, kills and restarts, judged by the pixels trainers received: [docs/bench/soak.md](docs/bench/soak.md) "
               "(`python -m bench.soak --minutes 10`).", ""]
-    path.write_text("\n".join(lines))
+    from bench.ceiling import carry_section   # bench.ceiling writes its own section: keep it
+
+    path.write_text(carry_section(path, "\n".join(lines)))
