@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlparse
 
-from prefetchd.catalog import CatalogBuilder
+from prefetchd.catalog import KeyCollector as CatalogBuilder
 from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import PrefetchdError
-from prefetchd.layout import parse_image_key
+from prefetchd.layouts import parse_image_key
 from prefetchd.listing import list_root
 from prefetchd.s3 import make_s3_client, resolve_endpoint
 from prefetchd.storage_errors import ENDPOINT_SETTINGS, classify_storage_error, endpoint_host

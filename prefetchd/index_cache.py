@@ -16,7 +16,7 @@ import pyarrow as pa
 from prefetchd.catalog import Catalog
 from prefetchd.errors import PrefetchdError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 log = logging.getLogger("prefetchd.index")
 
 
