@@ -460,6 +460,10 @@ def assemble(parts: Iterable[CatalogPart], reports: Reports | None = None, keys_
         tables.append(_normalise(table))
     if tables:
         fields = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+        for name in fields.column_names:      # parts that did not know sizes (load_data) say -1
+            if name.startswith("size_") and fields[name].null_count:
+                fields = fields.set_column(fields.schema.get_field_index(name), name,
+                                           pc.fill_null(fields[name], -1))
     else:
         fields = empty_fields()
     names = plate_names(plates)

@@ -23,8 +23,9 @@ import pyarrow.compute as pc
 
 from prefetchd.catalog import Catalog, KeyCollector, PlateInfo, Reports, assemble, spread
 from prefetchd.channel_map import ChannelMaps
+from prefetchd.channels import BRIGHTFIELD_CHANNELS, DEFAULT_CHANNELS
 from prefetchd.dataset import DatasetSpec
-from prefetchd.errors import EmptyDatasetError, PrefetchdError
+from prefetchd.errors import DatasetError, EmptyDatasetError, PrefetchdError
 from prefetchd.index_cache import CacheWriteError, cache_file, load_catalog, save_catalog
 from prefetchd.jump_sources import optics_of
 from prefetchd.layouts import LAYOUT_EXAMPLES
@@ -32,11 +33,12 @@ from prefetchd.listing import Progress, list_root, read_index_file
 from prefetchd.load_data import TableReader, local_rebase, prefix_filter, s3_rebase
 from prefetchd.plate_metadata import PlateTable, load_plate_table
 from prefetchd.s3 import make_s3_client, resolve_endpoint
-from prefetchd.selection import PlateFilter, plate_mask, well_mask
+from prefetchd.selection import PlateFilter, check_plate_types, explain_empty, plate_mask, well_mask
 from prefetchd.storage_errors import classify_storage_error
 from prefetchd.workspace import WorkspaceIndexer, index_local
 
 LAYOUT_EXAMPLE = LAYOUT_EXAMPLES
+STAIN_ORDER = DEFAULT_CHANNELS + BRIGHTFIELD_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def summarise_groups(catalog: Catalog, spec: DatasetSpec, in_scope: np.ndarray, 
         out.append(GroupSummary(
             source=source, batch=batch, layouts=sorted({p.layout for p in members}), plates=len(members),
             fields=int(fields[g]), incomplete=int(incomplete[g]),
-            channels_found=[s for s in catalog.stains if s in found[g]],
+            channels_found=[s for s in STAIN_ORDER if s in found[g]],
             origins=list(report.origins) if report else [],
             unparsed=report.unparsed if report else 0,
             unparsed_examples=list(report.unparsed_examples) if report else [],
@@ -353,6 +355,8 @@ def _location(spec: DatasetSpec) -> str:
 
 def _check_not_empty(catalog: Catalog, spec: DatasetSpec, source: str | None) -> None:
     where = f"index file {source} (for {_location(spec)})" if source else _location(spec)
+    if not len(catalog) and not source and (why := explain_empty(spec.selection, catalog.discovery, where)):
+        raise DatasetError(why)
     if catalog.keys_seen == 0 and not len(catalog):
         hint = "fix index=/--keys-file" if source else ("fix root=" if spec.is_local else "fix prefix=")
         raise EmptyDatasetError(f"no objects under {where}: {hint} in the dataset string")
@@ -452,6 +456,8 @@ async def build_index(spec: DatasetSpec, s3cfg: dict, cache_dir: Path, *, refres
     cache_error = None
     if catalog is None:
         plate_table = await load_plate_table(spec.plate_table, s3cfg) if spec.plate_table else None
+        if plate_table is not None:
+            check_plate_types(spec.selection, plate_table.plate_types, spec.plate_table)
         catalog = await collect_catalog(spec, s3cfg, source=keys_file or spec.index, progress=progress,
                                         plate_table=plate_table)
         try:
@@ -563,6 +569,8 @@ def cli_index(args: Any, config: Any) -> int:
     from prefetchd.dataset import parse_dataset
 
     console = Console()
+    if not console.is_terminal:          # a log or a pipe: full lines, nothing cut to 80 columns
+        console = Console(width=240)
     s3cfg = dict(config.get("s3"))
     if getattr(args, "endpoint_url", None):
         s3cfg["endpoint_url"] = args.endpoint_url

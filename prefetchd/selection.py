@@ -75,13 +75,16 @@ def plate_mask(plates: list[PlateInfo], selection: Selection, plate_types: list[
                                f"{_listing(shown)}")
         keep &= np.array([bool(values_of(p) & set(wanted)) for p in plates])
     if selection.plate_type:
-        known = set(plate_types or ())
-        unknown = [t for t in selection.plate_type if t not in known]
-        if unknown:
-            raise DatasetError(f"plate_type={','.join(unknown)} is not in the plate table {table_name}; "
-                               f"accepted: {_listing(known)}")
+        check_plate_types(selection, plate_types or [], table_name)
         keep &= np.array([p.plate_type in selection.plate_type for p in plates])
     return keep
+
+
+def check_plate_types(selection: Selection, known: list[str], table_name: str) -> None:
+    unknown = [t for t in selection.plate_type if t not in set(known)]
+    if unknown:
+        raise DatasetError(f"plate_type={','.join(unknown)} is not in the plate table {table_name}; "
+                           f"accepted: {_listing(set(known))}")
 
 
 def well_mask(well_values: list[str], selection: Selection) -> np.ndarray | None:
@@ -93,3 +96,19 @@ def well_mask(well_values: list[str], selection: Selection) -> np.ndarray | None
         raise DatasetError(f"well={','.join(unknown)} matches no field of this dataset; wells here: "
                            f"{_listing(well_values)}")
     return np.array([w in selection.well for w in well_values] + [False], bool)
+
+
+def explain_empty(selection: Selection, discovery: dict, where: str) -> str | None:
+    """Why a selection read no plate at all, naming the sources or batches that are there; None if not it."""
+    if not selection:
+        return None
+    sources = sorted(set(discovery.get("sources_seen", ())))
+    if selection.source and sources and not set(selection.source) & set(sources):
+        return (f"source={','.join(selection.source)} matches no source under {where}; sources here: "
+                f"{_listing(sources)}")
+    batches = sorted({b.split("/", 1)[1] for b in discovery.get("batches_seen", ())
+                      if not selection.source or b.split("/", 1)[0] in selection.source})
+    if selection.batch and batches and not set(selection.batch) & set(batches):
+        return f"batch={','.join(selection.batch)} matches no batch under {where}; batches here: {_listing(batches)}"
+    return (f"the selection {selection.scope()} keeps no plate under {where}: widen source=, batch=, plate= or "
+            "plate_type=")

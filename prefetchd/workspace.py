@@ -72,6 +72,8 @@ class DiscoveryStats:
     folder_lists: int = 0            # delimiter LISTs of sources, batches and plate folders
     listed_prefixes: list[str] = field(default_factory=list)   # LISTed key by key (no load_data)
     list_requests: int = 0           # LIST requests of those
+    sources_seen: list[str] = field(default_factory=list)      # before selection, to explain an empty one
+    batches_seen: list[str] = field(default_factory=list)      # "<source>/<batch>"
 
 
 class WorkspaceIndexer:
@@ -123,6 +125,7 @@ class WorkspaceIndexer:
         return [name for name in await self._folders(f"{project}/") if _SOURCE.fullmatch(name)]
 
     async def _index_source(self, scope: Scope, source: str) -> None:
+        self.stats.sources_seen.append(source)
         if not self.wanted.source(source):
             return
         if scope.batch:
@@ -135,6 +138,7 @@ class WorkspaceIndexer:
             if scope.source:
                 await self._list(scope.prefix)
             return
+        self.stats.batches_seen += [f"{source}/{b}" for b in batches]
         batches = [b for b in batches if self.wanted.batch(source, b)]
         async with asyncio.TaskGroup() as group:
             for batch in batches:
