@@ -331,12 +331,13 @@ class KeyCollector:
     def token_stains(self, maps: ChannelMaps) -> np.ndarray:
         """Stain position (in STAINS) per token id; -1 when unmapped (counted in the reports)."""
         out = np.full(len(self._token_example), -1, np.int64)
-        unmapped: Counter = Counter(self._rec_token)
+        records = np.bincount(np.frombuffer(self._rec_token, np.int32), minlength=len(out)) \
+            if len(self._rec_token) else np.zeros(len(out), np.int64)
         for (plate, token, fixed), token_id in self._tokens.items():
             info = self._plate_info[plate]
             stain = maps.stain(info.source, info.layout, token, fixed)
             if stain is None:
-                self.reports[info.group].count_unmapped(self._token_example[token_id], unmapped[token_id])
+                self.reports[info.group].count_unmapped(self._token_example[token_id], int(records[token_id]))
             else:
                 out[token_id] = STAINS.index(stain)
         return out

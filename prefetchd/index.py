@@ -169,7 +169,7 @@ class FieldTable(Sequence[Field]):
         self.well_values, self.well = _dictionary(table["well"])
         self.site = table["site"].to_numpy() if table.num_rows else np.zeros(0, np.int32)
         self._dirs, self._dir = _dictionary(table["dir"])
-        self._files = [_dictionary_arrow(table[f"file_{ch}"]) for ch in channels]
+        self._files = [_lookup(*_dictionary_arrow(table[f"file_{ch}"])) for ch in channels]
         sizes = [table[f"size_{ch}"].to_numpy() for ch in channels if f"size_{ch}" in table.column_names]
         self._sizes = np.stack(sizes, axis=1) if sizes and len(sizes) == len(channels) else None
         self._etags = [table[f"etag_{ch}"].chunk(0) if f"etag_{ch}" in table.column_names and table.num_rows
@@ -194,7 +194,7 @@ class FieldTable(Sequence[Field]):
         plate_index = int(self.plate[i])
         plate = self.plates[plate_index]
         directory = self._dirs[self._dir[i]]
-        keys = tuple(directory + values[codes[i]].as_py() for values, codes in self._files)
+        keys = tuple(directory + name(codes[i]) for name, codes in self._files)
         sizes = tuple(int(s) for s in self._sizes[i]) if self._sizes is not None else (-1,) * len(keys)
         etags = tuple(etags[i].as_py() if etags is not None else None for etags in self._etags)
         optics = self._optics[plate_index]
@@ -222,6 +222,17 @@ def _dictionary_arrow(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
         array = array.dictionary_encode()
     codes = array.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return array.dictionary, codes
+
+
+PYTHON_DICTIONARY_MAX = 1_000_000   # file names held as Python strings up to this many; beyond, read from Arrow
+
+
+def _lookup(values: pa.Array, codes: np.ndarray):
+    """(code → file name, codes): a Python list for the usual few-thousand names, Arrow for millions."""
+    if len(values) <= PYTHON_DICTIONARY_MAX:
+        names = values.to_pylist()
+        return names.__getitem__, codes
+    return (lambda code: values[code].as_py()), codes
 
 
 def _complete_mask(table: pa.Table, channels: tuple[str, ...]) -> np.ndarray:

@@ -276,7 +276,8 @@ RAW = {"illum": True, "clahe": False, "rescale": False}    # illum files are all
 
 
 def test_daemon_streams_a_mixed_selection_with_the_right_stain_in_every_channel(jump, daemon):
-    mixed = dataset(f"{PROJECT}/source_3,{PROJECT}/source_7,{PROJECT}/source_8/images/J3")
+    # a config list of dataset strings: one dataset, their prefixes joined
+    mixed = [dataset(f"{PROJECT}/source_3"), dataset(f"{PROJECT}/source_7"), dataset(f"{PROJECT}/source_8/images/J3")]
     sites = [s for s in jump.sites if s.source in ("source_3", "source_7") or s.batch == "J3"]
     by_signature = {sl.expected_signature(s, "DNA"): s for s in sites}
     d = daemon()
