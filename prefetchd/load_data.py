@@ -181,6 +181,8 @@ class TableReader:
         self.reports = reports
         self.context = context
         self.rows_read = 0
+        self.rows_kept = 0
+        self.base: str | None = None          # "<project>/<source>/images/<batch>" of the plate being read
         self.plates: list[PlateInfo] = []
         self._plate_of_path: dict[str, int] = {}
         self._stem: list[str] = []            # per plate: the file-name prefix moved into `dir` (Yokogawa)
@@ -226,6 +228,7 @@ class TableReader:
         rows = np.flatnonzero(keep)
         if not len(rows):
             return
+        self.rows_kept += len(rows)
         rows = rows[np.argsort(plate[rows], kind="stable")]      # each plate one contiguous run
         take = pa.array(rows)
         plate = plate[rows]
@@ -289,7 +292,7 @@ class TableReader:
         known = self._folder_plate.get(raw_folder)
         if known is not None:
             return known
-        folder = self.rebase(raw_folder)
+        folder = self._rebase(raw_folder)
         plate = -1
         if folder is not None and self.keep(folder) and sample_file:
             layout = layout_of_file(sample_file) or ("phenix" if folder.endswith("/Images") else "yokogawa")
@@ -315,6 +318,19 @@ class TableReader:
                 self.reports[group_name(where_source, where_batch)].add_origin(self.origin)
         self._folder_plate[raw_folder] = plate
         return plate
+
+    def _rebase(self, raw_folder: str) -> str | None:
+        """A load_data folder as a key; a mount path (`/home/ubuntu/bucket/projects/…/<batch>/images/…`) that
+        names the batch being read is placed under that batch's key prefix."""
+        folder = self.rebase(raw_folder)
+        if folder is not None and self.keep(folder) or self.base is None:
+            return folder
+        batch = self.base.rsplit("/", 1)[-1]
+        for marker in (f"/{batch}/images/", f"/{batch}/illum/"):
+            at = raw_folder.find(marker)
+            if at >= 0:
+                return self.base + raw_folder.rstrip("/")[at + len(batch) + 1:]
+        return folder
 
     def _same_folder_mask(self, folders: dict, any_folder: pa.Array) -> np.ndarray:
         same = np.ones(len(any_folder), bool)
@@ -396,7 +412,7 @@ class TableReader:
             for stain, spec in columns.illum.items():
                 folder, file = _files_and_folders(one_row, spec)
                 folder, file = folder[0].as_py(), file[0].as_py()
-                key_folder = self.rebase(folder) if folder and file else None
+                key_folder = self._rebase(folder) if folder and file else None
                 if key_folder is not None:
                     found[stain] = f"{key_folder}/{file}" if key_folder else file
             if found:

@@ -192,11 +192,22 @@ class WorkspaceIndexer:
                 continue
             self._first_name[source, batch] = name
             async with self._parse:
-                await asyncio.to_thread(read_table_bytes, data, name, self.reader.add, f"s3://{self.bucket}/{key}")
-            self.stats.load_data_plates += 1
+                kept = self.reader.rows_kept
+                self.reader.base = f"{root.split('/workspace/', 1)[0]}/images/{batch}"
+                try:
+                    await asyncio.to_thread(read_table_bytes, data, name, self.reader.add,
+                                            f"s3://{self.bucket}/{key}")
+                finally:
+                    self.reader.base = None
+                kept = self.reader.rows_kept - kept
             self._plates_done += 1
             if self.progress is not None:
                 self.progress(self._plates_done, self._plates_total, self.reader.rows_read)
+            if not kept:      # its folders lie outside the dataset's prefixes: the plate is LISTed instead
+                self.reader.reports[f"{source}/{batch}"].note(
+                    f"load_data of {barcode} names no image under the dataset's prefixes; listed instead")
+                return False
+            self.stats.load_data_plates += 1
             return True
         self._plates_done += 1
         return False

@@ -323,3 +323,22 @@ async def test_check_fails_a_yokogawa_prefix_without_load_data_with_the_fix(jump
     assert results[-1].name == "prefix" and not results[-1].ok
     line = results[-1].line()
     assert "no load_data for plate APTJ-1" in line and "index=" in line and "\n" not in line
+
+
+async def test_load_data_with_mount_paths_is_placed_under_its_batch(s3, s3cfg, tmp_path):
+    """cpg0000-era load_data names folders on the machine that ran CellProfiler, not s3:// URLs."""
+    spec = sl.MultiSpec(project="cpg0000-jump-pilot", sources=(
+        sl.SourceSpec("source_4", "phenix", {"2020_11_04_CPJUMP1": ("BR00116991__2020-11-05T19_51_35-Measurement1",)},
+                      load_data="csv"),))
+    manifest = sl.build_manifest(spec, "jump-mount")
+    for key, body in manifest.extra.items():
+        if key.endswith(".csv"):
+            manifest.extra[key] = body.replace(b"s3://jump-mount/cpg0000-jump-pilot/source_4/images/",
+                                               b"/home/ubuntu/bucket/projects/2019_07_11_JUMP-CP/")
+    s3.create_public_bucket("jump-mount")
+    sl.upload(manifest, s3.client())
+    index = await build_index(parse_dataset("JUMPS3MultiView:bucket=jump-mount:prefix=cpg0000-jump-pilot/source_4/"
+                                            "images"), s3cfg, tmp_path)
+    assert got(index) == expected(manifest)
+    assert index.discovery["load_data_plates"] == 1 and index.discovery["listed_prefixes"] == []
+    assert index.illum["source_4/2020_11_04_CPJUMP1/BR00116991"][0].startswith("cpg0000-jump-pilot/source_4/images/")
