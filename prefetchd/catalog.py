@@ -414,10 +414,10 @@ def _ranks(values: list[str]) -> np.ndarray:
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], np.ndarray]:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_dictionary(array.type):
-        array = array.dictionary_encode()
-    return array.dictionary.to_pylist(), array.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    from prefetchd.field_table import dictionary_codes
+
+    values, codes = dictionary_codes(column)
+    return values.to_pylist(), codes
 
 
 def _normalise(table: pa.Table) -> pa.Table:
@@ -460,7 +460,7 @@ def assemble(parts: Iterable[CatalogPart], reports: Reports | None = None, keys_
             table = table.filter(pa.array(mapped >= 0))
         tables.append(_normalise(table))
     if tables:
-        fields = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+        fields = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
         for name in fields.column_names:      # parts that did not know sizes (load_data) say -1
             if name.startswith("size_") and fields[name].null_count:
                 fields = fields.set_column(fields.schema.get_field_index(name), name,
@@ -496,8 +496,8 @@ def _sort_and_dedupe(fields: pa.Table, names: list[str]) -> tuple[pa.Table, Coun
     plate_rank, well_rank, site = plate_rank[order], well_rank[order], site[order]
     duplicate = np.zeros(len(order), bool)
     duplicate[1:] = (plate_rank[1:] == plate_rank[:-1]) & (well_rank[1:] == well_rank[:-1]) & (site[1:] == site[:-1])
-    if not (np.diff(order) == 1).all():
-        fields = fields.take(pa.array(order))
+    if not (np.diff(order) == 1).all() or fields["plate"].num_chunks > 1:
+        fields = fields.take(pa.array(order))       # one copy, in order, one chunk
     counts: Counter = Counter()
     if duplicate.any():
         counts.update(fields["plate"].to_numpy()[duplicate].tolist())

@@ -53,7 +53,7 @@ def save_catalog(path: Path, catalog: Catalog, *, location: str, endpoint: str |
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=1 << 20)
+            writer.write_table(table)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

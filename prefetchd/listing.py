@@ -277,9 +277,12 @@ def parse_index_stream(stream: BinaryIO, spec: DatasetSpec, sink: Sink, table_si
 def _parquet_batches(stream: BinaryIO, table_sink, where: str) -> None:
     import pyarrow.parquet as pq
 
+    from prefetchd.load_data import wanted_columns
+
     source = stream if stream.seekable() else io.BytesIO(stream.read())
     parquet = pq.ParquetFile(source)
-    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS):
+    columns = wanted_columns(parquet.schema_arrow.names)       # not a jump_index's other columns
+    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=columns):
         table_sink(batch, where)
 
 

@@ -72,6 +72,12 @@ class StainColumns:
         return found
 
 
+def wanted_columns(names: Iterable[str]) -> list[str]:
+    """The columns a TableReader uses: metadata and every stain's file columns."""
+    accepted = {name for names_ in _METADATA.values() for name in names_}
+    return [n for n in names if n in accepted or _STAIN_COLUMN.fullmatch(n)]
+
+
 def looks_like_load_data(names: Iterable[str]) -> bool:
     return bool(StainColumns.of(names).orig)
 
@@ -146,13 +152,20 @@ def _strings(array: pa.Array) -> pa.Array:
 
 
 def _split_url(urls: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """URL column → (folder, file name), null where the URL is null or empty."""
+    """URL column → (folder, file name) at the last "/", null where the URL is null or has no "/"."""
     urls = _strings(urls)
     parts = pc.split_pattern(urls, "/", max_splits=1, reverse=True)
     lengths = pc.list_value_length(parts)
-    usable = pc.fill_null(pc.equal(lengths, 2), False)
-    safe = pc.if_else(usable, parts, pa.scalar(["", ""], parts.type))
-    return pc.list_element(safe, 0), pc.if_else(usable, pc.list_element(safe, 1), pa.scalar(None, pa.string()))
+    if not urls.null_count and pc.min(lengths).as_py() == 2:       # the usual case, half the work
+        folder, file = pc.list_element(parts, 0), pc.list_element(parts, 1)
+    else:
+        usable = pc.fill_null(pc.equal(lengths, 2), False)
+        safe = pc.if_else(usable, parts, pa.scalar(["", ""], parts.type))
+        folder = pc.list_element(safe, 0)
+        file = pc.if_else(usable, pc.list_element(safe, 1), pa.scalar(None, pa.string()))
+    if pc.any(pc.equal(file, "")).as_py():
+        file = pc.if_else(pc.fill_null(pc.equal(file, ""), True), pa.scalar(None, pa.string()), file)
+    return folder, file
 
 
 def _files_and_folders(table, spec: tuple[str, ...]) -> tuple[pa.Array, pa.Array]:
@@ -430,8 +443,9 @@ class TableReader:
             indices = table["dir"].combine_chunks().indices
             tables.append(table.set_column(table.schema.get_field_index("dir"), "dir",
                                            pa.DictionaryArray.from_arrays(indices, dirs)))
-        fields = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
-        return CatalogPart(fields, list(self.plates), dict(self.illum))
+        # chunks keep their batch's dictionaries: `assemble` unifies once, for every part together
+        return CatalogPart(pa.concat_tables(tables, promote_options="permissive"), list(self.plates),
+                           dict(self.illum))
 
 
 def _stem_of(sample_file: str | None, layout: str) -> str:
