@@ -34,16 +34,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prefetchd.channel_map import ChannelMaps
+from prefetchd.channel_map import ChannelMaps, fixed_stain
 from prefetchd.channels import PHENIX_CHANNELS
 from prefetchd.layouts import (
-    SKIPPED,
-    ImageKey,
     barcode_of,
+    family_of,
+    folder_location,
     has_acquisition_time,
     illum_plate_key,
     parse_illum_key,
-    parse_image_key,
 )
 
 STAINS: tuple[str, ...] = tuple(PHENIX_CHANNELS)
@@ -260,7 +259,9 @@ class KeyCollector:
         self._row_well: list[str] = []
         self._row_site = array("i")
         self._row_dir: list[str] = []
-        self._tokens: dict[tuple[int, str, str | None], int] = {}   # (plate, token, fixed stain) → id
+        self._tokens: dict[tuple[int, str], int] = {}               # (plate, channel token) → id
+        self._folders: dict[tuple[str, str], int] = {}              # (image folder, family) → plate or -1
+        self._project: list[str] = []                               # per plate, for the fixed tables
         self._token_example: list[str] = []
         self._rec_row = array("i")
         self._rec_token = array("i")
@@ -275,20 +276,17 @@ class KeyCollector:
     def __len__(self) -> int:
         return len(self._row_site)
 
-    def _intern(self, text: str) -> int:
-        code = self._strings.get(text)
-        if code is None:
-            code = self._strings[text] = len(self._string_values)
-            self._string_values.append(text)
-        return code
-
     def add(self, key: str, size: int = -1, etag: str | None = None) -> None:
         self.keys_seen += 1
-        image = parse_image_key(key, self.context)
-        if isinstance(image, ImageKey):
-            self._add_image(image, key, size, etag)
-            return
-        if image == SKIPPED:
+        directory, _, filename = key.rpartition("/")
+        family = family_of(filename)
+        parsed = family.parse_file(filename) if family is not None else None
+        if isinstance(parsed, tuple):
+            plate = self._plate_of(directory, family)
+            if plate >= 0:
+                self._add_image(plate, directory, filename, parsed, key, size, etag)
+                return
+        elif parsed is not None:                      # a thumbnail
             self.reports[group_of_key(key, self.context)].skipped += 1
             return
         illum = parse_illum_key(key, self.context)
@@ -298,43 +296,66 @@ class KeyCollector:
             return
         self.reports[group_of_key(key, self.context)].count_unparsed(key)
 
-    def _add_image(self, image: ImageKey, key: str, size: int, etag: str | None) -> None:
-        directory = image.directory
-        path = directory[: -len("Images/")] if directory.endswith("/Images/") or directory == "Images/" else directory
-        plate = self._plates.get(path)
-        if plate is None:
-            plate = self._plates[path] = len(self._plate_info)
-            self._plate_info.append(PlateInfo(path, image.source, image.batch, image.plate,
-                                              barcode_of(image.plate), image.layout))
-            self.reports[group_name(image.source, image.batch)].add_origin(self.origin)
-        ident = (plate, image.well, image.site)
+    def _plate_of(self, directory: str, family) -> int:
+        """The plate of an image folder (-1: not under `<batch>/images/<plate>/`); parsed once per folder."""
+        plate = self._folders.get((directory, family.NAME))
+        if plate is not None:
+            return plate
+        where = folder_location(directory, self.context, family.IN_IMAGES_FOLDER)
+        if where is None:
+            plate = -1
+        else:
+            location, project = where
+            path = directory[: -len("Images")] if family.IN_IMAGES_FOLDER else f"{directory}/"
+            plate = self._plates.get(path, -1)
+            if plate < 0:
+                plate = self._plates[path] = len(self._plate_info)
+                self._plate_info.append(PlateInfo(path, location.source, location.batch, location.plate,
+                                                  barcode_of(location.plate), family.NAME))
+                self._project.append(project)
+                self.reports[group_name(location.source, location.batch)].add_origin(self.origin)
+        self._folders[directory, family.NAME] = plate
+        return plate
+
+    def _add_image(self, plate: int, directory: str, filename: str, parsed: tuple, key: str, size: int,
+                   etag: str | None) -> None:
+        well, site, token = parsed
+        ident = (plate, well, site)
         row = self._rows.get(ident)
         if row is None:
             row = self._rows[ident] = len(self._row_site)
             self._row_plate.append(plate)
-            self._row_well.append(image.well)
-            self._row_site.append(image.site)
-            self._row_dir.append(directory)
-        token_key = (plate, image.token, image.channel)
-        token = self._tokens.get(token_key)
-        if token is None:
-            token = self._tokens[token_key] = len(self._token_example)
+            self._row_well.append(well)
+            self._row_site.append(site)
+            self._row_dir.append(directory + "/")
+        token_id = self._tokens.get((plate, token))
+        if token_id is None:
+            token_id = self._tokens[plate, token] = len(self._token_example)
             self._token_example.append(key)
         self._rec_row.append(row)
-        self._rec_token.append(token)
-        self._rec_file.append(self._intern(image.filename))
+        self._rec_token.append(token_id)
+        code = self._strings.get(filename)
+        if code is None:
+            code = self._strings[filename] = len(self._string_values)
+            self._string_values.append(filename)
+        self._rec_file.append(code)
+        if size >= 0:
+            self._any_size = True
         self._rec_size.append(size)
-        self._any_size |= size >= 0
-        self._rec_etag.append(etag.strip('"') if etag else None)
-        self._any_etag |= bool(etag)
+        if etag:
+            self._any_etag = True
+            self._rec_etag.append(etag.strip('"'))
+        else:
+            self._rec_etag.append(None)
 
     def token_stains(self, maps: ChannelMaps) -> np.ndarray:
         """Stain position (in STAINS) per token id; -1 when unmapped (counted in the reports)."""
         out = np.full(len(self._token_example), -1, np.int64)
         records = np.bincount(np.frombuffer(self._rec_token, np.int32), minlength=len(out)) \
             if len(self._rec_token) else np.zeros(len(out), np.int64)
-        for (plate, token, fixed), token_id in self._tokens.items():
+        for (plate, token), token_id in self._tokens.items():
             info = self._plate_info[plate]
+            fixed = fixed_stain(info.layout, token, self._project[plate], info.source)
             stain = maps.stain(info.source, info.layout, token, fixed)
             if stain is None:
                 self.reports[info.group].count_unmapped(self._token_example[token_id], int(records[token_id]))

@@ -8,6 +8,7 @@ the plate folder, batch and source around them and the illumination functions:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ SKIPPED = "skipped"      # parse_image_key's answer for objects stored beside th
 _ILLUM_FILE = re.compile(r"(?P<barcode>.+)_Illum(?P<stain>[A-Za-z_]+)\.npy")
 
 __all__ = ["FAMILIES", "LAYOUT_EXAMPLES", "LAYOUT_NAMES", "SKIPPED", "IllumKey", "ImageKey", "Location",
-           "barcode_of", "has_acquisition_time", "illum_plate_key", "layout_of_file", "location_of", "parse_illum_key",
+           "barcode_of", "family_of", "folder_location", "has_acquisition_time", "illum_plate_key", "layout_of_file", "location_of", "parse_illum_key",
            "parse_image_key", "plate_location", "project_of", "row_name", "well_name"]
 
 
@@ -48,7 +49,7 @@ def illum_plate_key(source: str, batch: str, barcode: str) -> str:
     return "/".join(part for part in (source, batch, barcode) if part)
 
 
-def _family_of(filename: str):
+def family_of(filename: str):
     if filename.endswith(".tiff"):
         return phenix
     lower = filename.lower()
@@ -63,29 +64,39 @@ def parse_image_key(key: str, context: str = "") -> ImageKey | str | None:
     `context` is the path the key is relative to (a local root); it only helps find source and batch.
     """
     directory, _, filename = key.rpartition("/")
-    family = _family_of(filename)
+    family = family_of(filename)
     if family is None:
         return None
     parsed = family.parse_file(filename)
-    if parsed is None or parsed == SKIPPED or isinstance(parsed, str):
-        return SKIPPED if isinstance(parsed, str) else None
+    if parsed is None or isinstance(parsed, str):
+        return SKIPPED if parsed is not None else None
+    where = folder_location(directory, context, family.IN_IMAGES_FOLDER)
+    if where is None:
+        return None
+    location, project = where
+    well, site, token = parsed
+    stain = fixed_stain(family.NAME, token, project, location.source)
+    return ImageKey(location.source, location.batch, location.plate, well, site, token, family.NAME, stain,
+                    key[: len(key) - len(filename)], filename)
+
+
+@functools.lru_cache(maxsize=8192)
+def folder_location(directory: str, context: str, in_images_folder: bool) -> tuple[Location, str] | None:
+    """(location, project) of an image folder: the same for every key of a plate, so parsed once."""
     parts = directory.split("/") if directory else []
-    if family.IN_IMAGES_FOLDER:
+    if in_images_folder:
         if len(parts) < 2 or parts[-1] != "Images":
             return None
         parts = parts[:-1]
     where = location_of(parts, context)
     if where is None:
         return None
-    well, site, token = parsed
-    stain = fixed_stain(family.NAME, token, project_of(key, context), where.source)
-    return ImageKey(where.source, where.batch, where.plate, well, site, token, family.NAME, stain,
-                    key[: len(key) - len(filename)], filename)
+    return where, project_of(directory + "/", context)
 
 
 def layout_of_file(filename: str) -> str | None:
     """The family whose file names look like this one ("phenix", "yokogawa", "imagexpress"), or None."""
-    family = _family_of(filename)
+    family = family_of(filename)
     if family is None:
         return None
     parsed = family.parse_file(filename)
