@@ -1,6 +1,6 @@
 """Benchmark: the whole-release index (8M sites, every layout) and load_data versus LIST.
 
-    python -m bench.index_scale [--sites 8100000] [--workdir DIR] [--skip-requests]
+    python -m bench.index_scale [--sites 8100000] [--workdir DIR] [--reuse] [--skip-requests] [--skip-scale]
 
 1. Writes a jump_index.parquet-shaped file (one row per site, URL_Orig{AGP,DNA,ER,Mito,RNA}) with the
    release's mix of Phenix, Yokogawa and ImageXpress sources and real key names, a few plates at a time.
@@ -140,12 +140,18 @@ def phase(workdir: Path, which: str) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_scale(workdir: Path, sites: int) -> None:
+def run_scale(workdir: Path, sites: int, reuse: bool) -> None:
     index_path = workdir / "jump_index.parquet"
-    started = time.perf_counter()
-    rows, plates = write_index(index_path, sites)
-    print(f"wrote {rows:,} sites on {plates:,} plates ({index_path.stat().st_size / 1e6:.0f} MB parquet) in "
-          f"{time.perf_counter() - started:.0f} s: {index_path}", flush=True)
+    if reuse and index_path.exists():
+        rows = pq.ParquetFile(index_path).metadata.num_rows
+        print(f"reusing {index_path} ({rows:,} sites, {index_path.stat().st_size / 1e6:.0f} MB)", flush=True)
+    else:
+        started = time.perf_counter()
+        rows, plates = write_index(index_path, sites)
+        print(f"wrote {rows:,} sites on {plates:,} plates ({index_path.stat().st_size / 1e6:.0f} MB parquet) in "
+              f"{time.perf_counter() - started:.0f} s: {index_path}", flush=True)
+    for stale in (workdir / "cache").glob("*.arrow") if (workdir / "cache").exists() else ():
+        stale.unlink()
     for which in ("cold", "warm"):
         subprocess.run([sys.executable, "-m", "bench.index_scale", "--workdir", str(workdir), "--phase", which],
                        check=True)
@@ -203,6 +209,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--phase", choices=("all", "cold", "warm"), default="all")
     parser.add_argument("--skip-requests", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="reuse the workdir's jump_index.parquet")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--plates", type=int, default=4, help="plates for the load_data / LIST comparison")
     parser.add_argument("--wells", type=int, default=96)
@@ -214,7 +221,7 @@ def main() -> None:
         phase(workdir, args.phase)
         return
     if not args.skip_scale:
-        run_scale(workdir, args.sites)
+        run_scale(workdir, args.sites, args.reuse)
     if not args.skip_requests:
         run_requests(args.plates, args.wells, args.latency_ms)
 

@@ -168,17 +168,6 @@ async def list_prefix(client: Any, bucket: str, prefix: str, sink: Sink, request
     return walker
 
 
-async def list_s3(spec: DatasetSpec, s3cfg: dict, sink: Sink, progress: Progress | None = None) -> int:
-    """LIST everything under every prefix of the dataset; returns the number of keys seen."""
-    concurrency = int(s3cfg.get("list_concurrency", 16))
-    requests = asyncio.Semaphore(max(1, concurrency))
-    keys = 0
-    async with make_s3_client(s3cfg, max_pool=concurrency) as client:
-        for prefix in spec.prefixes:
-            keys += (await list_prefix(client, spec.bucket, prefix, sink, requests, progress)).keys
-    return keys
-
-
 # ---- local directory -------------------------------------------------------------------------------
 
 def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:

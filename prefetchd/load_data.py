@@ -78,10 +78,6 @@ def wanted_columns(names: Iterable[str]) -> list[str]:
     return [n for n in names if n in accepted or _STAIN_COLUMN.fullmatch(n)]
 
 
-def looks_like_load_data(names: Iterable[str]) -> bool:
-    return bool(StainColumns.of(names).orig)
-
-
 def s3_rebase(prefixes: tuple[str, ...]) -> Rebase:
     """Folders as keys of the dataset's bucket: `s3://bucket/k` → k; a mount path is cut at the project."""
     projects = sorted({p.split("/", 1)[0] for p in prefixes if p})
@@ -460,8 +456,3 @@ def _int_or_zero(value) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def read_table_batches(reader: TableReader, batches: Iterable[pa.RecordBatch], where: str) -> None:
-    for batch in batches:
-        reader.add(batch, where)

@@ -162,10 +162,13 @@ class WorkspaceIndexer:
             barcodes = [b for b in with_load_data if self.wanted.plate(source, batch, b)]
         folders = None if (scope.folder or listed_in_table) else await self._folders(images_root)
         self._plates_total += len(barcodes)
-        missing = []
+        found = {}
+        if barcodes:     # the first plate alone finds which load_data name this batch uses; the rest in parallel
+            found[barcodes[0]] = await self._read_plate(load_data_root, source, batch, barcodes[0])
         async with asyncio.TaskGroup() as group:
-            tasks = {b: group.create_task(self._read_plate(load_data_root, source, batch, b)) for b in barcodes}
-        missing = [b for b, task in tasks.items() if not task.result()]
+            tasks = {b: group.create_task(self._read_plate(load_data_root, source, batch, b)) for b in barcodes[1:]}
+        found.update({b: task.result() for b, task in tasks.items()})
+        missing = [b for b, ok in found.items() if not ok]
         if scope.folder and not barcodes:
             await self._list(scope.prefix)
             return

@@ -342,3 +342,25 @@ async def test_load_data_with_mount_paths_is_placed_under_its_batch(s3, s3cfg, t
     assert got(index) == expected(manifest)
     assert index.discovery["load_data_plates"] == 1 and index.discovery["listed_prefixes"] == []
     assert index.illum["source_4/2020_11_04_CPJUMP1/BR00116991"][0].startswith("cpg0000-jump-pilot/source_4/images/")
+
+
+async def test_dozens_of_plates_one_get_each(s3, s3cfg, tmp_path):
+    """36 plates in 4 batches of 2 sources: one GET per plate (a batch's first CSV plate probes the names),
+    plates read concurrently into one reader, every field exact."""
+    batches = {f"B{b}": tuple(f"P{b}{p:02d}" for p in range(9)) for b in range(2)}
+    spec = sl.MultiSpec(sources=(
+        sl.SourceSpec("source_2", "yokogawa", batches, S2, wells=("A01", "P24"), sites=1, illum=False),
+        sl.SourceSpec("source_7", "yokogawa", {f"C{b}": plates for b, plates in enumerate(batches.values())}, S7,
+                      wells=("A01", "P24"), sites=1, illum=False, load_data="csv")), height=8, width=8)
+    manifest = sl.build_manifest(spec, "jump-dozens")
+    s3.create_public_bucket("jump-dozens")
+    sl.upload(manifest, s3.client(max_pool=32), workers=16)
+    with FaultProxy(upstream=s3.endpoint_url) as proxy:
+        cfg = {**s3cfg, "endpoint_url": proxy.url, "list_concurrency": 8}
+        index = await build_index(parse_dataset(f"JUMPS3MultiView:bucket=jump-dozens:prefix={PROJECT}"), cfg,
+                                  tmp_path)
+        lists, gets = requests_of(proxy)
+    assert got(index) == expected(manifest) and len(index) == 72
+    assert index.discovery["load_data_plates"] == 36 and index.discovery["listed_prefixes"] == []
+    assert len(gets) == 36 + 2 * 2          # per CSV batch, its first plate tried .parquet and .csv.gz first
+    assert all("delimiter" in q for q in lists) and len(lists) == 1 + 2 + 4 * 2
