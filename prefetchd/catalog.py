@@ -457,6 +457,8 @@ def _normalise(table: pa.Table) -> pa.Table:
 def assemble(parts: Iterable[CatalogPart], reports: Reports | None = None, keys_seen: int = 0,
              maps: ChannelMaps | None = None, plate_type: Callable[[PlateInfo], str | None] | None = None) \
         -> Catalog:
+    """Merge parts into a catalog. Consumes the parts (their tables are released as they are merged, so an
+    8M-row build holds two copies of the compact columns at most, not four)."""
     reports = reports if reports is not None else Reports()
     plates: list[PlateInfo] = []
     plate_of_path: dict[str, int] = {}
@@ -477,11 +479,15 @@ def assemble(parts: Iterable[CatalogPart], reports: Reports | None = None, keys_
         codes = part.fields["plate"].to_numpy()
         mapped = remap[codes]
         table = part.fields.set_column(0, "plate", pa.array(mapped, pa.int32()))
+        part.fields = empty_fields()
         if (mapped < 0).any():
             table = table.filter(pa.array(mapped >= 0))
         tables.append(_normalise(table))
+        del table
     if tables:
-        fields = pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
+        fields = pa.concat_tables(tables, promote_options="permissive")
+        tables.clear()
+        fields = fields.unify_dictionaries()
         for name in fields.column_names:      # parts that did not know sizes (load_data) say -1
             if name.startswith("size_") and fields[name].null_count:
                 fields = fields.set_column(fields.schema.get_field_index(name), name,

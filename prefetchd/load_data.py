@@ -435,7 +435,8 @@ class TableReader:
             return CatalogPart(empty_fields(), list(self.plates), dict(self.illum))
         dirs = self._dir_values()
         tables = []
-        for table in self._tables:  # every batch's dir dictionary is refreshed to the final stems
+        batches, self._tables = self._tables, []           # handed over: the reader keeps no copy
+        for table in batches:  # every batch's dir dictionary is refreshed to the final stems
             indices = table["dir"].combine_chunks().indices
             tables.append(table.set_column(table.schema.get_field_index("dir"), "dir",
                                            pa.DictionaryArray.from_arrays(indices, dirs)))
