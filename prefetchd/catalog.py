@@ -1,7 +1,8 @@
 """The catalog: every field of a dataset location, for ALL channels, as one Arrow table plus its plates.
 
-A catalog is what gets cached on disk. It does not depend on which channels, samples or metadata a dataset
-string selects; `index.select_index` turns it into the `Index` of one dataset string.
+A catalog is what gets cached on disk. It does not depend on the channels, wells or max_samples a dataset
+string selects (source, batch, plate and plate_type narrow which plates are read, and key the cache);
+`index.select_index` turns it into the `Index` of one dataset string.
 
 `Catalog.fields`, one row per field, sorted by plate name, well, site:
 
@@ -46,7 +47,6 @@ from prefetchd.layouts import (
 )
 
 STAINS: tuple[str, ...] = tuple(PHENIX_CHANNELS)
-ALL_CHANNELS = STAINS
 MAX_EXAMPLES = 5                 # per (source, batch) group and kind
 MAX_UNPARSED_EXAMPLES = 20       # over the whole catalog
 METADATA_KEY = b"prefetchd.catalog"
@@ -159,10 +159,6 @@ class Catalog:
     channel_maps: dict[str, dict[str, str]] = field(default_factory=dict)  # learned, for the report
     discovery: dict = field(default_factory=dict)           # how the keys were found (requests, plates)
     plate_types: list[str] = field(default_factory=list)    # every type in the plate table used
-
-    @property
-    def table(self) -> pa.Table:
-        return self.fields
 
     def __len__(self) -> int:
         return self.fields.num_rows
