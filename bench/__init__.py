@@ -6,10 +6,10 @@ import numpy as np
 
 
 def cell_like_channel(size: int = 1080, seed: int = 0, peak: int = 7000) -> np.ndarray:
-    """A cell-like uint16 channel (~13 bits used). Uses `prefetchd.synth` (the DNA channel of a demo
+    """A cell-like uint16 channel (~13 bits used). Uses `prefetchd.dev.synth` (the DNA channel of a demo
     field) when it is available, else a small generator of blurred nuclei on a noisy background."""
     try:
-        from prefetchd import synth
+        from prefetchd.dev import synth
 
         spec = synth.demo_spec(fields=8, size=size, seed=seed)
         plate = spec.plates[0] if hasattr(spec, "plates") else None

@@ -3,7 +3,7 @@
     python -m bench.compare --quick          # < 5 min on 2 cores; last line: ratio_vs_seed=<x>
     python -m bench.compare                  # full: writes BENCHMARKS.md and docs/img/bench_*.png
 
-Path: synthetic plates (prefetchd.synth, real key names, 5 × H × W uint16 TIFF) → SeaweedFS S3 on loopback
+Path: synthetic plates (prefetchd.dev.synth, real key names, 5 × H × W uint16 TIFF) → SeaweedFS S3 on loopback
 (bench/servers.py) → latency/bandwidth proxy (bench/latency_proxy.py, own process) → each system.
 Every system run is its own subprocess (`--run-one`), so the resident memory of its whole process tree
 (DataLoader workers, or daemon + consumer) is sampled cleanly and its CPU comes from wait4 rusage.
@@ -27,29 +27,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import collections
-import contextlib
 import dataclasses
 import json
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.accounting import TreeSampler, busy_cpu, machine_info, proc_cpu, summarize_profile
+from bench.figures import LIKE_FOR_LIKE, fps, per_field, ratio_vs_seed
+from bench.runs import prefetchd_options, run_one
+from prefetchd.bounds import bounds_for
+
 ROOT = Path(__file__).resolve().parent.parent
-def bucket_for(spec) -> str:
-    return f"bench-{spec.field_count}x{spec.height}"
 SYSTEMS = ("baseline-u16", "baseline-guide", "s3torch-u16", "prefetchd-opencv", "prefetchd")
-LIKE_FOR_LIKE = ("prefetchd-opencv", "baseline-u16")
 SECTIONS = ("fits", "large", "small", "stall", "trainer", "policy", "latency", "profile")
 
 
@@ -94,69 +91,22 @@ def full_plan() -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Offline cache bounds for prefetchd's schedule
-
-
-def schedule_sequence(n: int, epochs: int, seed: int, batch_size: int) -> list[np.ndarray]:
-    from prefetchd.schedule import schedule
-
-    return [schedule(n, seed, e, 0, 1, batch_size, False) for e in range(epochs)]
-
-
-def simulate(per_epoch: list[np.ndarray], cache: int, policy: str) -> list[float]:
-    """Hit rate per epoch of an offline cache of `cache` fields (demand fetch) under `lru` or `belady`."""
-    seq = np.concatenate(per_epoch) if per_epoch else np.zeros(0, np.int64)
-    bounds = np.cumsum([0] + [len(e) for e in per_epoch])
-    nxt = np.full(len(seq), np.iinfo(np.int64).max, np.int64)
-    last: dict[int, int] = {}
-    for i in range(len(seq) - 1, -1, -1):
-        f = int(seq[i])
-        nxt[i] = last.get(f, np.iinfo(np.int64).max)
-        last[f] = i
-    hits = np.zeros(len(seq), bool)
-    if policy == "lru":
-        od: collections.OrderedDict[int, None] = collections.OrderedDict()
-        for i, f in enumerate(seq.tolist()):
-            if f in od:
-                hits[i] = True
-                od.move_to_end(f)
-            else:
-                od[f] = None
-                if len(od) > cache:
-                    od.popitem(last=False)
-    else:
-        import heapq
-
-        resident: dict[int, int] = {}   # field -> next use
-        heap: list[tuple[int, int]] = []  # (-next use, field), lazy
-        for i, f in enumerate(seq.tolist()):
-            if f in resident:
-                hits[i] = True
-            elif len(resident) >= cache:
-                while True:
-                    neg, g = heapq.heappop(heap)
-                    if resident.get(g) == -neg:
-                        del resident[g]
-                        break
-            resident[f] = int(nxt[i])
-            heapq.heappush(heap, (-int(nxt[i]), f))
-    return [float(hits[bounds[e]:bounds[e + 1]].mean()) if bounds[e + 1] > bounds[e] else 0.0
-            for e in range(len(per_epoch))]
-
-
-# ---------------------------------------------------------------------------------------------
 # Data
 
 
+def bucket_for(spec) -> str:
+    return f"bench-{spec.field_count}x{spec.height}"
+
+
 def spec_for(fields: int, size: int):
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     return synth.demo_spec(fields=fields, size=size)
 
 
 def ensure_plates(data_root: Path, fields: int, size: int):
     """Write the synthetic plates once per (fields, size); later runs reuse them."""
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     spec = spec_for(fields, size)
     root = data_root / f"plates-{spec.field_count}x{size}"
@@ -167,7 +117,7 @@ def ensure_plates(data_root: Path, fields: int, size: int):
 
 
 def already_uploaded(endpoint: str, bucket: str, manifest) -> bool:
-    from prefetchd.locals3 import admin_client
+    from prefetchd.dev.locals3 import admin_client
 
     client = admin_client(endpoint)
     try:
@@ -186,262 +136,7 @@ def dataset_fields(manifest, batch: str | None) -> list[tuple[str, list[str]]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Process accounting
-
-
-class TreeSampler:
-    """Samples RSS and PSS summed over a process and all its descendants, every `period` s."""
-
-    def __init__(self, pid: int, period: float = 0.5):
-        self.pid, self.period = pid, period
-        self.samples: list[tuple[float, int, int, int]] = []  # t, rss, pss, processes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        import psutil
-
-        t0 = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root] + root.children(recursive=True)
-            except psutil.Error:
-                break
-            rss = pss = 0
-            for p in procs:
-                with contextlib.suppress(psutil.Error):
-                    info = p.memory_full_info()
-                    rss += info.rss
-                    pss += info.pss
-            self.samples.append((time.monotonic() - t0, rss, pss, len(procs)))
-            self._stop.wait(self.period)
-
-    def peak(self) -> dict:
-        if not self.samples:
-            return {"rss_peak": 0, "pss_peak": 0, "processes": 0}
-        return {"rss_peak": max(s[1] for s in self.samples), "pss_peak": max(s[2] for s in self.samples),
-                "processes": max(s[3] for s in self.samples)}
-
-
-def tree_cpu(pid: int) -> float:
-    """user+sys CPU seconds of a live process and its live descendants (plus reaped children)."""
-    import psutil
-
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.Error:
-        return 0.0
-    for i, p in enumerate(procs):
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system + (t.children_user + t.children_system if i == 0 else 0.0)
-    return total
-
-
-def proc_cpu(pid: int) -> float:
-    import psutil
-
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
-
-
-def proxy_stats(port: int) -> dict:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    return json.loads(data)
-
-
-# ---------------------------------------------------------------------------------------------
-# One system run (inside its own subprocess)
-
-
-def run_one(job: dict) -> dict:
-    system = job["system"]
-    if job.get("consumer") == "trainer":
-        from bench.trainer_consumer import run_trainer
-
-        return run_trainer(job)
-    if system.startswith("prefetchd"):
-        return run_prefetchd(job)
-    return run_baseline(job)
-
-
-def _epoch_row(epoch: int, res, cpu_s: float, gets: int, nbytes: int, hits: int, proxy: dict) -> dict:
-    row = {"epoch": epoch, **res.to_dict(), "cpu_s": cpu_s, "gets": gets, "bytes": nbytes,
-           "hit_rate": hits / res.fields if res.fields else 0.0,
-           "proxy_requests": proxy.get("requests", 0), "proxy_bytes": proxy.get("bytes_down", 0)}
-    row["timeline"] = [(round(t, 4), round(w, 4), n) for t, w, n in res.timeline]
-    return row
-
-
-def _proxy_delta(port: int, before: dict) -> tuple[dict, dict]:
-    now = proxy_stats(port)
-    return {k: now[k] - before.get(k, 0) for k in now}, now
-
-
-def run_baseline(job: dict) -> dict:
-    import torch
-
-    from bench.baselines.jump_guide import JumpGuideDataset, S3TorchFieldDataset, make_loader
-    from bench.consumer import consume
-
-    import warnings
-
-    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 cores is the point
-    torch.set_num_threads(1)
-    fields = [tuple(f) for f in job["fields"]]
-    out: dict[str, Any] = {"system": job["system"], "epochs": []}
-    # Cold index for the baseline = a paginated LIST of the prefix grouped into fields; warm = keys given.
-    t0 = time.perf_counter()
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    client = boto3.session.Session().client("s3", endpoint_url=job["endpoint"], region_name="us-east-1",
-                                            config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}))
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=job["bucket"],
-                                                                                      Prefix=job["prefix"])
-            for o in page.get("Contents", [])]
-    out["list_s"] = time.perf_counter() - t0
-    out["listed_keys"] = len(keys)
-    if job["system"] == "s3torch-u16":
-        dataset = S3TorchFieldDataset(fields, job["bucket"], job["endpoint"])
-    else:
-        dataset = JumpGuideDataset(fields, job["bucket"], job["endpoint"],
-                                   mode="guide" if job["system"] == "baseline-guide" else "u16")
-    loader = make_loader(dataset, job["batch_size"], seed=job["seed"], epoch=0)
-    stage = np.zeros(8)
-    me = os.getpid()
-    px = proxy_stats(job["proxy_stats"])
-    for epoch in range(job["epochs"]):
-        acc = np.zeros(8)
-        img_hits = [0]
-
-        def on_batch(batch):
-            a = batch["acct"].numpy()
-            acc[:] += a.sum(axis=0)
-            img_hits[0] += int((a[:, 6] >= len(fields[0][1]) - 1e-9).sum())
-
-        cpu0 = tree_cpu(me)
-        res = consume(loader, demand=job.get("demand"), on_batch=on_batch)
-        cpu1 = tree_cpu(me)
-        delta, px = _proxy_delta(job["proxy_stats"], px)
-        row = _epoch_row(epoch, res, cpu1 - cpu0, int(acc[4]), int(acc[5]), img_hits[0], delta)
-        row["stage_cpu_s"] = dict(zip(("fetch", "decode", "clahe", "stack"), acc[:4].tolist()))
-        out["epochs"].append(row)
-        stage += acc
-        if epoch == 0:
-            out["ttfb_warm_s"] = res.first_batch_s      # keys known: worker start + first batch
-            out["ttfb_cold_s"] = res.first_batch_s + out["list_s"]
-    out["stage_cpu_s"] = dict(zip(("fetch", "decode", "clahe", "stack"), stage[:4].tolist()))
-    del loader
-    return out
-
-
-def prefetchd_options(system: str) -> dict:
-    if system == "prefetchd-opencv":
-        return {"illum": False, "rescale": False, "clahe": {"clip_limit": 3.0, "tile_grid": 8, "bins": 65536}}
-    return {}
-
-
-def run_prefetchd(job: dict) -> dict:
-    from bench.consumer import consume
-    from prefetchd.client import attach
-    from prefetchd.daemon_process import DaemonProcess
-
-    work = Path(job["workdir"])
-    cache_dir = work / f"index-{job['system']}-{job['regime']}-{os.getpid()}"
-    sock = Path(tempfile.mkdtemp(prefix="pfb-", dir=work)) / "d.sock"
-    overrides = [f"s3.endpoint_url={job['endpoint']}", f"cache_dir={cache_dir}", "log_level=warning"]
-    overrides += job.get("overrides", [])
-    dataset = f"JUMPS3MultiView:bucket={job['bucket']}:prefix={job['prefix']}"
-    opts = dict(prefetchd_options(job["system"]), cache_size=job["cache_size"], prefetch_factor=2,
-                policy=job.get("policy"))  # None: the daemon's default
-    out: dict[str, Any] = {"system": job["system"], "epochs": [], "options": opts}
-    me = os.getpid()
-    log = work / f"daemon-{job['system']}-{job['regime']}.log"
-    daemon = DaemonProcess(sock, overrides, log_path=log)
-    t0 = time.perf_counter()
-    daemon.start()
-    out["daemon_start_s"] = time.perf_counter() - t0
-    profiler = None
-    try:
-        t0 = time.perf_counter()
-        stream = attach(dataset=dataset, batch_size=job["batch_size"], seed=job["seed"], socket=sock, **opts)
-        out["attach_s"] = time.perf_counter() - t0
-        if job.get("profile") and shutil.which("py-spy"):
-            prof_path = work / f"pyspy-{job['system']}-{job['regime']}.txt"
-            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.proc.pid), "--rate", "97",
-                                         "--format", "raw", "--nonblocking", "--threads", "-o", str(prof_path)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            out["profile_path"] = str(prof_path)
-        px = proxy_stats(job["proxy_stats"])
-        for epoch in range(job["epochs"]):
-            before = stream.status()
-            cpu0, dcpu0 = tree_cpu(me), proc_cpu(daemon.proc.pid)
-            res = consume(stream.epoch(epoch), demand=job.get("demand"))
-            cpu1, dcpu1 = tree_cpu(me), proc_cpu(daemon.proc.pid)
-            after = stream.status()
-            delta, px = _proxy_delta(job["proxy_stats"], px)
-            jstat = next(j for j in after["jobs"] if j["job"] == stream.job)
-            ep = jstat["epochs"].get(str(epoch), {})
-            row = _epoch_row(epoch, res, cpu1 - cpu0, after["gets"] - before["gets"],
-                             after["bytes_fetched"] - before["bytes_fetched"], ep.get("hits", 0), delta)
-            row["daemon_cpu_s"] = dcpu1 - dcpu0
-            row["fields_fetched"] = (jstat["fields_fetched"] -
-                                     next(j for j in before["jobs"] if j["job"] == stream.job)["fields_fetched"])
-            if epoch == 0:
-                out["ttfb_cold_s"] = out["attach_s"] + res.first_batch_s
-            out["epochs"].append(row)
-        out["shm_bytes"] = after["shm_bytes"]
-        stream.close()
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                profiler.wait(20)
-            profiler = None
-        daemon.stop()
-        # Warm index: a fresh daemon on the same index cache dir, a new job, time to its first batch.
-        if job.get("warm", True):
-            daemon = DaemonProcess(sock, overrides, log_path=log)
-            daemon.start()
-            t0 = time.perf_counter()
-            stream = attach(dataset=dataset, batch_size=job["batch_size"], seed=job["seed"] + 1, socket=sock, **opts)
-            next(iter(stream.epoch(0)))
-            out["ttfb_warm_s"] = time.perf_counter() - t0
-            stream.close()
-    finally:
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(20)
-        daemon.stop()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Orchestration (parent)
-
-
-def _busy(t) -> float:
-    return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
 
 
 def spawn_run(job: dict, timeout: float) -> dict:
@@ -452,7 +147,7 @@ def spawn_run(job: dict, timeout: float) -> dict:
     opath = jpath.with_suffix(".out.json")
     import psutil
 
-    busy0 = _busy(psutil.cpu_times())
+    busy0 = busy_cpu(psutil.cpu_times())
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bench.compare", "--run-one", str(jpath), "--out-json", str(opath)],
                             env=env, cwd=ROOT)
@@ -475,7 +170,7 @@ def spawn_run(job: dict, timeout: float) -> dict:
     out["memory"] = sampler.peak()
     out["memory_timeline"] = sampler.samples
     out["process_cpu_s"] = usage.ru_utime + usage.ru_stime
-    out["machine_busy_s"] = _busy(psutil.cpu_times()) - busy0  # every process on the machine, for "other CPU"
+    out["machine_busy_s"] = busy_cpu(psutil.cpu_times()) - busy0  # every process on the machine, for "other CPU"
     out["wall_s"] = wall
     return out
 
@@ -520,83 +215,6 @@ def stage_costs_prefetchd(manifest, root: Path, opts: dict, repeat: int = 3, md5
                 t[k] += v
         best = t if not best else {k: min(best[k], t[k]) for k in t}
     return {k: v * 1e3 for k, v in best.items()}
-
-
-GENERIC = ("_bootstrap", "_bootstrap_inner", "Thread.run", "_worker (thread.py)", "_WorkItem.run", "<module>",
-           "_run_module_as_main", "_run_code", "main (", "run (", "run_forever", "_run_once", "Handle._run",
-           "run_until_complete", "serve (")
-
-
-def summarize_profile(path: str, top: int = 14) -> dict:
-    """From py-spy's raw (collapsed) output: share of on-CPU samples per thread group, per function (self =
-    leaf frame) and inclusive (generic threading/asyncio frames dropped)."""
-    p = Path(path)
-    if not p.exists():
-        return {}
-    counts: collections.Counter[str] = collections.Counter()
-    leaf: collections.Counter[str] = collections.Counter()
-    threads: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in p.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        n = int(n)
-        total += n
-        frames = stack.split(";")
-        threads["thread pool (decode/illum)" if "_worker (" in stack else "event loop + other threads"] += n
-        seen = set()
-        key = ""
-        for fr in frames[1:]:  # first frame is the thread
-            name = fr.split(" (")[0]
-            where = fr[fr.find("(") + 1:fr.rfind(":")] if "(" in fr else ""
-            key = f"{name} ({Path(where).name})" if where else name
-            if key not in seen and not any(g in key for g in GENERIC):
-                seen.add(key)
-                counts[key] += n
-        leaf[key] += n
-    if not total:
-        return {}
-    return {"samples": total,
-            "threads": [(k, v / total) for k, v in threads.most_common()],
-            "self": [(k, v / total) for k, v in leaf.most_common(top)],
-            "inclusive": [(k, v / total) for k, v in counts.most_common(top)]}
-
-
-def machine_info() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["mem_gb"] = round(int(line.split()[1]) / 1e6, 1)
-    versions = {}
-    for mod in ("prefetchd", "torch", "cv2", "tifffile", "boto3", "botocore", "aiobotocore", "numpy", "uvloop",
-                "s3torchconnector", "psutil"):
-        with contextlib.suppress(Exception):
-            m = __import__(mod)
-            versions[mod] = getattr(m, "__version__", "?")
-    for exe, args in (("weed", ["version"]), ("rclone", ["version"]), ("py-spy", ["--version"])):
-        with contextlib.suppress(Exception):
-            versions[exe] = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
-    info["versions"] = versions
-    return info
-
-
-def per_field(run: dict, key: str = "cpu_s") -> float:
-    eps = run.get("epochs", [])
-    n = sum(e["fields"] for e in eps)
-    return sum(e[key] for e in eps) / n if n else 0.0
-
-
-def fps(run: dict) -> float:
-    eps = run.get("epochs", [])
-    w = sum(e["wall_s"] for e in eps)
-    return sum(e["fields"] for e in eps) / w if w else 0.0
 
 
 def run_job(job: dict, ctx: dict, timeout: float = 600) -> dict:
@@ -705,11 +323,6 @@ def apply_only(plan: Plan, only: str) -> set[str]:
     return keep
 
 
-def bounds_for(n: int, cache: int, epochs: int, batch_size: int) -> dict:
-    seq = schedule_sequence(n, epochs, 0, batch_size)
-    return {"c_over_n": min(1.0, cache / n), "belady": simulate(seq, cache, "belady"), "lru": simulate(seq, cache, "lru")}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced run, < 5 min on 2 cores")
@@ -762,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(plan: Plan, a) -> int:
     from bench.latency_proxy import LatencyProxy
     from bench.servers import S3Server
-    from prefetchd import synth
+    from prefetchd.dev import synth
 
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -855,19 +468,6 @@ def run_all(plan: Plan, a) -> int:
     ratio = ratio_vs_seed(results)
     print(f"ratio_vs_seed={ratio:.2f}", flush=True)
     return 0
-
-
-def ratio_vs_seed(results: dict) -> float:
-    """prefetchd (OpenCV-compatible, same 16-bit output) fields/s ÷ baseline-u16 fields/s; the smaller of the
-    two regimes (fits / large), so a cache win in one regime cannot hide a loss in the other."""
-    ratios = []
-    for regime in ("fits", "large"):
-        r = results["runs"].get(regime, {})
-        if all(s in r and "error" not in r[s] for s in LIKE_FOR_LIKE):
-            base = fps(r["baseline-u16"])
-            if base > 0:
-                ratios.append(fps(r["prefetchd-opencv"]) / base)
-    return min(ratios) if ratios else 0.0
 
 
 if __name__ == "__main__":

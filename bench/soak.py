@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from faultproxy import FaultProxy  # noqa: E402
 
-from prefetchd import synth  # noqa: E402
+from prefetchd.dev import synth  # noqa: E402
 from prefetchd.client import attach  # noqa: E402
 from prefetchd.control import request  # noqa: E402
-from prefetchd.daemon_process import DaemonProcess  # noqa: E402
-from prefetchd.locals3 import LocalS3  # noqa: E402
+from prefetchd.dev.daemon_process import DaemonProcess  # noqa: E402
+from prefetchd.dev.locals3 import LocalS3  # noqa: E402
 
 RAW = {"illum": False, "clahe": False, "rescale": False}
 

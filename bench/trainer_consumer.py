@@ -173,7 +173,7 @@ def summarize(steps: list[dict], source_s: float) -> dict:
 def run_trainer(job: dict) -> dict:
     """One trainer run fed by job['system'] (prefetchd-opencv | baseline-u16); called inside bench.compare's
     --run-one subprocess, so the process tree measured is trainer + its DataLoader workers or its daemon."""
-    from bench.compare import _proxy_delta, proc_cpu, proxy_stats, tree_cpu
+    from bench.accounting import proc_cpu, proxy_delta, proxy_stats, tree_cpu
     from trainer.train import train as train_mod
 
     import warnings
@@ -188,7 +188,7 @@ def run_trainer(job: dict) -> dict:
     made: dict[str, Any] = {}
     real_make_source = train_mod.make_source
     if system.startswith("prefetchd"):
-        from prefetchd.daemon_process import DaemonProcess
+        from prefetchd.dev.daemon_process import DaemonProcess
 
         sock = Path(tempfile.mkdtemp(prefix="pft-", dir=work)) / "d.sock"
         overrides = [f"s3.endpoint_url={job['endpoint']}", f"cache_dir={work / f'index-trainer-{me}'}",
@@ -233,7 +233,7 @@ def run_trainer(job: dict) -> dict:
             rc = train_mod.main(argv)
         out["main_s"] = time.perf_counter() - t0
         cpu1, own1 = tree_cpu(me), proc_cpu(me)
-        delta, _ = _proxy_delta(job["proxy_stats"], px)
+        delta, _ = proxy_delta(job["proxy_stats"], px)
     finally:
         train_mod.make_source = real_make_source
         if daemon is not None:

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefetchd.arrow_columns import dictionary_codes
 from prefetchd.channel_map import ChannelMaps, fixed_stain
 from prefetchd.channels import PHENIX_CHANNELS
 from prefetchd.layouts import (
@@ -431,8 +432,6 @@ def _ranks(values: list[str]) -> np.ndarray:
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], np.ndarray]:
-    from prefetchd.field_table import dictionary_codes
-
     values, codes = dictionary_codes(column)
     return values.to_pylist(), codes
 

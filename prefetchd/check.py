@@ -22,6 +22,7 @@ from prefetchd.errors import PrefetchdError
 from prefetchd.layouts import LAYOUT_EXAMPLES, ImageKey, barcode_of, parse_image_key, project_of
 from prefetchd.listing import list_root
 from prefetchd.s3 import make_s3_client, resolve_endpoint
+from prefetchd.storage import LocalDirectory
 from prefetchd.storage_errors import ENDPOINT_SETTINGS, classify_storage_error, endpoint_host
 
 SAMPLE_PAGES = 5          # LIST pages (1000 keys each) sampled for the layout check
@@ -229,7 +230,7 @@ def _sample_local(root: str, builder: KeyCollector) -> str | None:
 
 async def run_checks(spec: DatasetSpec, s3cfg: dict) -> list[CheckResult]:
     """All checks up to and including the first failure."""
-    if spec.is_local:
+    if isinstance(spec.storage, LocalDirectory):
         return await asyncio.to_thread(local_checks, spec)
     results: list[CheckResult] = []
     for step in S3Checks(spec, s3cfg).steps():

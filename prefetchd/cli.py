@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ def cmd_serve(args) -> int:
     configure_logging(config.get("log_level"))
 
     async def run() -> None:
-        await Server(config, reload=lambda: load_config(args)).serve()
+        await Server(config).serve()  # SIGHUP re-reads the same --config and --set (Config.reread)
 
     uvloop.run(run())
     return 0
@@ -161,7 +162,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from prefetchd.demo import run_demo
+    if importlib.util.find_spec("moto") is None:  # the dev extra: production nodes do without moto's server
+        raise PrefetchdError("the demo serves its plates from moto's S3 server, which is not installed: "
+                             "pip install 'prefetchd[dev]'")
+    from prefetchd.dev.demo import run_demo
 
     return run_demo(args)
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
-from prefetchd.errors import DaemonNotRunning, PrefetchdError
+from prefetchd.errors import DaemonNotRunning, DaemonStopping, IndexBuilding
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -78,9 +78,8 @@ class Stream:
     def next(self, epoch: int, index: int) -> Batch:
         try:
             reply = self._conn.request("next", epoch=epoch, batch=index)
-        except PrefetchdError as exc:
-            daemon_went_away = isinstance(exc, DaemonNotRunning) or exc.code == "stopping"
-            if not daemon_went_away or self._attach_request is None or self.reconnect_timeout_s <= 0:
+        except (DaemonNotRunning, DaemonStopping):   # the daemon went away
+            if self._attach_request is None or self.reconnect_timeout_s <= 0:
                 raise
             self._reattach()
             reply = self._conn.request("next", epoch=epoch, batch=index)
@@ -110,9 +109,7 @@ class Stream:
                     conn.close()
                     raise
                 break
-            except PrefetchdError as exc:
-                if not (isinstance(exc, DaemonNotRunning) or exc.code in ("stopping", "index_building")):
-                    raise
+            except (DaemonNotRunning, DaemonStopping, IndexBuilding):
                 if time.monotonic() > deadline:
                     raise DaemonNotRunning(
                         f"the prefetchd daemon at {socket_path} did not come back within "

@@ -1,30 +1,31 @@
-"""Daemon configuration: built-in YAML defaults, then a YAML file, then `key=value` overrides.
-
-Every key is validated against the defaults: an unknown key names the accepted ones, a wrong type
-names the expected type.
+"""Daemon configuration: built-in YAML defaults (`default_config.yaml`), then a YAML file, then `key=value`
+overrides, validated by the schema shared with the trainer (`prefetchd/yaml_config.py`); the reload rules for
+SIGHUP; and where the socket and the index cache live.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import yaml
 
-from prefetchd.errors import ConfigError
+from prefetchd.policy import Policy
+from prefetchd.yaml_config import Schema, get
 
-_CHOICES = {
+CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
-    "defaults.policy": ("lru", "belady"),
+    "defaults.policy": Policy.names(),
     "s3.verify_md5": ("auto", True, False),
     "s3.retry_mode": ("adaptive", "standard", "legacy"),
     "s3.get_concurrency": ("adaptive", "fixed"),
     "s3.get_transport": ("auto", "botocore"),
 }
+# Option blocks that can also be `false`; their consumers (options.py, preprocess/) validate them.
+FREE_FORM = ("defaults.clahe", "defaults.rescale")
 
 
 def load_defaults() -> dict[str, Any]:
@@ -32,102 +33,29 @@ def load_defaults() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not key=value (for example s3.max_concurrency=64)")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def merge(base: dict, update: dict, *, path: str = "", schema: dict | None = None) -> dict:
-    """Recursively merge `update` into a copy of `base`, validating keys against `schema` (= base)."""
-    schema = base if schema is None else schema
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        full = f"{path}{key}"
-        if key not in schema:
-            raise ConfigError(
-                f"unknown config key {full!r}; accepted keys here: {', '.join(sorted(schema))}"
-            )
-        ref = schema[key]
-        if isinstance(ref, dict) and isinstance(value, dict) and not _is_free_form(full):
-            out[key] = merge(out.get(key) or {}, value, path=full + ".", schema=ref)
-        else:
-            out[key] = _check_type(full, value, ref)
-    return out
-
-
-def _is_free_form(path: str) -> bool:
-    # Option blocks that can also be `false`, e.g. defaults.clahe, are validated by their consumers.
-    return path in ("defaults.clahe", "defaults.rescale")
-
-
-def _check_type(path: str, value: Any, ref: Any) -> Any:
-    if path in _CHOICES:
-        if not isinstance(value, (bool, str)) or value not in _CHOICES[path]:
-            accepted = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in _CHOICES[path])
-            raise ConfigError(f"{path} must be one of {accepted}, got {value!r}")
-        return value
-    if ref is None or value is None or _is_free_form(path):
-        return value
-    if isinstance(ref, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
-    elif isinstance(ref, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
-        if isinstance(ref, int) and not isinstance(ref, bool) and float(value) != int(value):
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{path} must be >= 0, got {value!r}")
-        value = type(ref)(value)
-    elif isinstance(ref, str) and not isinstance(value, str):
-        raise ConfigError(f"{path} must be a string, got {value!r}")
-    return value
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> dict:
-    parts = key.split(".")
-    update: dict = {}
-    node = update
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return merge(tree, update)
+SCHEMA = Schema(load_defaults(), choices=CHOICES, free_form=FREE_FORM, non_negative=True,
+                example="s3.max_concurrency=64")
 
 
 @dataclass
 class Config:
-    """The daemon's settings, resolved (environment and XDG paths applied)."""
+    """The daemon's settings, resolved (environment and XDG paths applied). It remembers where it was read
+    from (`path`, `overrides`), so `reread()` (SIGHUP) reads the same file with the same overrides again."""
 
     tree: dict[str, Any]
+    path: str | os.PathLike | None = field(default=None, compare=False)
+    overrides: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> "Config":
-        tree = load_defaults()
-        if path is not None:
-            try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
-            except OSError as exc:
-                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {path} must be a mapping of keys, got {type(loaded).__name__}")
-            tree = merge(tree, loaded)
-        for item in overrides:
-            tree = set_dotted(tree, *parse_override(item))
-        return cls(tree)
+    def load(cls, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> "Config":
+        overrides = tuple(overrides)
+        return cls(SCHEMA.load(path, overrides), path, overrides)
+
+    def reread(self) -> "Config":
+        return Config.load(self.path, self.overrides)
 
     def get(self, dotted: str) -> Any:
-        node: Any = self.tree
-        for part in dotted.split("."):
-            node = node[part]
-        return node
+        return get(self.tree, dotted)
 
     @property
     def socket_path(self) -> Path:
@@ -143,6 +71,51 @@ class Config:
     def decode_workers(self) -> int:
         return int(self.tree["decode"]["workers"]) or (os.cpu_count() or 1)
 
+
+# ---- reload (SIGHUP) ---------------------------------------------------------------------------------
+
+# Config keys a SIGHUP may change live; everything else needs a restart (the old value is kept).
+RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.get_concurrency",
+              "s3.retries", "security")
+
+
+@dataclass
+class Reload:
+    config: Config          # the running config with every reloadable key taken from the re-read one
+    changed: list[str]      # dotted keys that changed and apply now
+    ignored: list[str]      # dotted keys that changed but need a restart (the running value is kept)
+
+
+def apply_reload(running: Config, fresh: Config) -> Reload:
+    old, new = running.tree, fresh.tree
+    changed, ignored = [], []
+    for key in sorted(set(old) | set(new)):
+        for path in _differing(key, old.get(key), new.get(key)):
+            (changed if path.startswith(RELOADABLE) else ignored).append(path)
+    tree = dict(old)
+    for key in RELOADABLE:
+        _set_path(tree, key, get(new, key))
+    return Reload(replace(running, tree=tree), changed, ignored)
+
+
+def _differing(path: str, a: Any, b: Any) -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _differing(f"{path}.{key}", a.get(key), b.get(key))
+    elif a != b:
+        yield path
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node[part] = dict(node[part])  # copy on write: the old Config keeps its own tree
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# ---- paths -----------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
     if os.environ.get("CACHE_DIRECTORY"):  # set by systemd's CacheDirectory=

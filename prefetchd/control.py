@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from prefetchd.config import resolve_socket
-from prefetchd.errors import DaemonNotRunning, error_from_reply
-from prefetchd.protocol import MAX_LINE, encode
+from prefetchd.errors import DaemonNotRunning
+from prefetchd.protocol import MAX_LINE, encode, error_from_reply
 
 
 class ControlConnection:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from prefetchd.channels import DEFAULT_CHANNELS, parse_channels
 from prefetchd.errors import DatasetError
+from prefetchd.storage import LocalDirectory, S3Location, Storage
 
 DEFAULT_DATASET = (
     "JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images"
@@ -56,9 +57,7 @@ class Selection:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    bucket: str | None = None
-    prefix: str = ""
-    root: str | None = None
+    storage: Storage          # where the objects live: S3Location or LocalDirectory
     max_samples: int | None = None
     channels: tuple[str, ...] = DEFAULT_CHANNELS
     index: str | None = None
@@ -67,24 +66,31 @@ class DatasetSpec:
     plate_table: str | None = None
 
     @property
-    def is_local(self) -> bool:
-        return self.name == "JUMPLocal"
+    def bucket(self) -> str | None:
+        return getattr(self.storage, "bucket", None)
+
+    @property
+    def prefix(self) -> str:
+        """The prefixes as written in the dataset string (comma separated); "" for a local root."""
+        return getattr(self.storage, "prefix", "")
+
+    @property
+    def root(self) -> str | None:
+        return getattr(self.storage, "root", None)
 
     @property
     def prefixes(self) -> tuple[str, ...]:
-        """The prefixes a JUMPS3MultiView string names (`prefix=a,b`); ("",) for the whole bucket."""
-        return tuple(self.prefix.split(",")) if self.prefix else ("",)
+        """The prefixes a JUMPS3MultiView string names (`prefix=a,b`); ("",) for the whole bucket or a root."""
+        return getattr(self.storage, "prefixes", ("",))
 
     @property
     def location(self) -> str:
-        if self.is_local:
-            return self.root
-        return ", ".join(f"s3://{self.bucket}/{p}" for p in self.prefixes)
+        return self.storage.url
 
     def cache_key(self, endpoint: str | None) -> str:
         """Key of the on-disk index cache: where the listing comes from and what narrows which plates are
         read; not channels, wells or max_samples, which only select from it."""
-        where = f"local:{os.path.abspath(self.root)}" if self.is_local else f"s3:{endpoint or 'aws'}:{self.bucket}/{self.prefix}"
+        where = self.storage.cache_where(endpoint)
         scope = "" if self.index else self.selection.scope()
         text = f"{where}|index={self.index or ''}|plate_table={self.plate_table or ''}|{scope}"
         return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -100,7 +106,7 @@ def join_datasets(texts: list[str] | tuple[str, ...]) -> str:
     first = specs[0]
     if len(specs) == 1:
         return first.text
-    if first.is_local:
+    if isinstance(first.storage, LocalDirectory):
         raise DatasetError("a list of datasets can only join JUMPS3MultiView prefixes of one bucket, not "
                            "JUMPLocal roots: give one root (the folder above them)")
     for spec in specs[1:]:
@@ -201,7 +207,7 @@ def parse_dataset(text: "str | list[str] | tuple[str, ...]") -> DatasetSpec:
     plate_table = values.get("plate_table")
     if name == "JUMPLocal":
         root = os.path.expanduser(values["root"])
-        return DatasetSpec(name, root=root, max_samples=max_samples, channels=channels,
+        return DatasetSpec(name, LocalDirectory(root), max_samples=max_samples, channels=channels,
                            index=values.get("index"), text=text, selection=selection, plate_table=plate_table)
     bucket = values["bucket"]
     if "://" in bucket:
@@ -212,7 +218,7 @@ def parse_dataset(text: "str | list[str] | tuple[str, ...]") -> DatasetSpec:
     if not bucket or "/" in bucket:
         raise DatasetError(f"bucket must be a bare bucket name like 'cellpainting-gallery', got {bucket!r}")
     prefixes = _prefixes(values.get("prefix", ""))
-    return DatasetSpec(name, bucket=bucket, prefix=",".join(prefixes), max_samples=max_samples,
+    return DatasetSpec(name, S3Location(bucket, tuple(prefixes)), max_samples=max_samples,
                        channels=channels, index=values.get("index"), text=text, selection=selection,
                        plate_table=plate_table)
 

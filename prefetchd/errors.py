@@ -1,61 +1,141 @@
-"""User-facing errors: every one carries a stable `code` and a message that says what to change."""
+"""User-facing errors: every one carries a stable `code` (an `ErrorCode`) and a message that says what to change.
+
+Each exception class has its code; `class_for(code)` is the other way round, so an error reply from the daemon
+comes back as the class it was raised as (`prefetchd.protocol.error_from_reply`) and callers catch classes.
+Several storage codes share `StorageError`: they name what is wrong (DNS, 403, ...) for the same kind of fix.
+"""
 
 from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    ERROR = "error"
+    INTERNAL = "internal"                      # a bug: the daemon logged the traceback
+    BAD_REQUEST = "bad_request"                # the control protocol was not followed
+    BAD_DATASET = "bad_dataset"
+    BAD_CONFIG = "bad_config"
+    EMPTY_DATASET = "empty_dataset"
+    SHM = "shm"
+    NO_DAEMON = "no_daemon"
+    BUSY = "busy"                              # another daemon owns the socket
+    FORBIDDEN = "forbidden"                    # peer credentials refused
+    STOPPING = "stopping"                      # the daemon is draining
+    INDEX_BUILDING = "index_building"
+    RANK_TAKEN = "rank_taken"
+    JOB_MISMATCH = "job_mismatch"
+    CORRUPT_OBJECT = "corrupt_object"
+    CACHE_WRITE = "cache_write"
+    STORAGE = "storage"
+    NO_SUCH_BUCKET = "no_such_bucket"
+    WRONG_REGION = "wrong_region"
+    ACCESS_DENIED = "access_denied"
+    DNS = "dns"
+    CONNECTION_REFUSED = "connection_refused"
+    TIMEOUT = "timeout"
+    TLS = "tls"
+    NO_ROOT = "no_root"
 
 
 class PrefetchdError(Exception):
     """An error the user can fix. The CLI prints `error: <message>` (one line, no traceback)."""
 
-    code = "error"
+    code: ErrorCode = ErrorCode.ERROR
+    codes: tuple[ErrorCode, ...] = ()   # further codes raised as this class (besides `code`)
 
-    def __init__(self, message: str, *, code: str | None = None):
+    def __init__(self, message: str, *, code: ErrorCode | str | None = None):
         super().__init__(message)
         if code is not None:
-            self.code = code
+            self.code = ErrorCode(code)
 
     @property
     def message(self) -> str:
         return str(self.args[0])
 
-    def to_reply(self) -> dict:
-        return {"ok": False, "code": self.code, "error": self.message}
+
+class InternalError(PrefetchdError):
+    code = ErrorCode.INTERNAL
 
 
 class DatasetError(PrefetchdError):
-    code = "bad_dataset"
+    code = ErrorCode.BAD_DATASET
 
 
 class ConfigError(PrefetchdError):
-    code = "bad_config"
+    code = ErrorCode.BAD_CONFIG
 
 
 class StorageError(PrefetchdError):
     """The object store cannot be reached or refuses us (DNS, connection, 403, missing bucket)."""
 
-    code = "storage"
+    code = ErrorCode.STORAGE
+    codes = (ErrorCode.NO_SUCH_BUCKET, ErrorCode.WRONG_REGION, ErrorCode.ACCESS_DENIED, ErrorCode.DNS,
+             ErrorCode.CONNECTION_REFUSED, ErrorCode.TIMEOUT, ErrorCode.TLS, ErrorCode.NO_ROOT)
 
 
 class EmptyDatasetError(PrefetchdError):
-    code = "empty_dataset"
+    code = ErrorCode.EMPTY_DATASET
 
 
 class ShmError(PrefetchdError):
-    code = "shm"
+    code = ErrorCode.SHM
 
 
 class ProtocolError(PrefetchdError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class DaemonNotRunning(PrefetchdError):
-    code = "no_daemon"
+    code = ErrorCode.NO_DAEMON
+
+
+class DaemonBusy(PrefetchdError):
+    """Another daemon already listens on the socket."""
+
+    code = ErrorCode.BUSY
+
+
+class Forbidden(PrefetchdError):
+    """The peer's uid/gid may not use this daemon."""
+
+    code = ErrorCode.FORBIDDEN
+
+
+class DaemonStopping(PrefetchdError):
+    """The daemon is draining: reattach once it is back."""
+
+    code = ErrorCode.STOPPING
+
+
+class IndexBuilding(PrefetchdError):
+    """The dataset's index is still being built: attach again later."""
+
+    code = ErrorCode.INDEX_BUILDING
+
+
+class AttachConflict(PrefetchdError):
+    """The rank is attached elsewhere, or the job is attached with other settings."""
+
+    code = ErrorCode.JOB_MISMATCH
+    codes = (ErrorCode.RANK_TAKEN,)
 
 
 class CorruptObjectError(PrefetchdError):
     """An object that downloaded but cannot be decoded (truncated, not a TIFF, wrong shape)."""
 
-    code = "corrupt_object"
+    code = ErrorCode.CORRUPT_OBJECT
 
 
-def error_from_reply(reply: dict) -> PrefetchdError:
-    return PrefetchdError(reply.get("error", "unknown error"), code=reply.get("code", "error"))
+def _subclasses(cls: type[PrefetchdError]):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def class_for(code: ErrorCode | str) -> type[PrefetchdError]:
+    """The exception class an error code is raised as (PrefetchdError for a code this version does not know)."""
+    for cls in _subclasses(PrefetchdError):
+        if code == cls.code or code in cls.codes:
+            return cls
+    return PrefetchdError

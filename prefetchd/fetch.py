@@ -20,7 +20,7 @@ from botocore.exceptions import (
 )
 
 from prefetchd.counters import FetchCounters
-from prefetchd.errors import CorruptObjectError, StorageError
+from prefetchd.errors import CorruptObjectError, ErrorCode, StorageError
 from prefetchd.http_get import Fetched, HttpGetter
 from prefetchd.storage_errors import classify_storage_error
 
@@ -95,7 +95,7 @@ class S3Store:
             except aiohttp.ClientConnectorCertificateError as exc:   # no retry makes a certificate trusted
                 self.counters.errors += 1
                 raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); behind a "
-                                   "TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle", code="tls") from exc
+                                   "TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle", code=ErrorCode.TLS) from exc
             except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
@@ -104,7 +104,7 @@ class S3Store:
                     else:
                         reason = self._reason(exc).message
                     raise CorruptObjectError(f"s3://{self.bucket}/{key}: {reason} after {attempt + 1} attempts",
-                                             code="storage") from exc
+                                             code=ErrorCode.STORAGE) from exc
                 log.debug("retrying %s after %s", key, exc)
             self.counters.retries += 1
             await asyncio.sleep(backoff_s(attempt))

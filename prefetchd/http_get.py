@@ -64,7 +64,7 @@ async def object_url_template(client: Any, bucket: str) -> tuple[str, str]:
     prefix, found, suffix = url.partition(SENTINEL)
     if not found or "?" in prefix:
         raise StorageError(f"cannot derive a plain object URL for bucket {bucket!r} from {url!r}: set "
-                           "s3.get_transport=botocore", code="storage")
+                           "s3.get_transport=botocore")
     return prefix, suffix
 
 

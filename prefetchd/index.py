@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,22 +19,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prefetchd.arrow_columns import dictionary_codes
 from prefetchd.catalog import Catalog, KeyCollector, Reports, assemble, spread
 from prefetchd.channel_map import ChannelMaps
 from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import DatasetError, EmptyDatasetError, PrefetchdError
-from prefetchd.field_table import Field, FieldTable, dictionary_codes
+from prefetchd.field_table import Field, FieldTable
 from prefetchd.index_cache import CacheWriteError, cache_file, load_catalog, save_catalog
 from prefetchd.index_summary import GroupSummary, index_summary, print_index_summary, summarise_groups
 from prefetchd.jump_sources import optics_of
 from prefetchd.layouts import LAYOUT_EXAMPLES
-from prefetchd.listing import Progress, list_root, read_index_file
-from prefetchd.load_data import TableReader, local_rebase, prefix_filter, s3_rebase
+from prefetchd.listing import Progress, read_index_file
+from prefetchd.load_data import TableReader
 from prefetchd.plate_metadata import PlateTable, load_plate_table
-from prefetchd.s3 import make_s3_client, resolve_endpoint
+from prefetchd.s3 import resolve_endpoint
 from prefetchd.selection import PlateFilter, check_plate_types, explain_empty, plate_mask, well_mask
 from prefetchd.storage_errors import classify_storage_error
-from prefetchd.workspace import WorkspaceIndexer, index_local
 
 LAYOUT_EXAMPLE = LAYOUT_EXAMPLES
 __all__ = ["Field", "FieldTable", "GroupSummary", "Index", "build_index", "cli_index", "collect_catalog",
@@ -150,7 +149,7 @@ def _optics(catalog: Catalog, in_scope: np.ndarray) -> dict[str, dict]:
 # ---- building --------------------------------------------------------------------------------------
 
 def _location(spec: DatasetSpec) -> str:
-    return spec.root if spec.is_local else ", ".join(f"s3://{spec.bucket}/{list_root(p)}" for p in spec.prefixes)
+    return spec.storage.describe()
 
 
 def _check_not_empty(catalog: Catalog, spec: DatasetSpec, source: str | None) -> None:
@@ -158,7 +157,7 @@ def _check_not_empty(catalog: Catalog, spec: DatasetSpec, source: str | None) ->
     if not len(catalog) and not source and (why := explain_empty(spec.selection, catalog.discovery, where)):
         raise DatasetError(why)
     if catalog.keys_seen == 0 and not len(catalog):
-        hint = "fix index=/--keys-file" if source else ("fix root=" if spec.is_local else "fix prefix=")
+        hint = "fix index=/--keys-file" if source else spec.storage.fix_hint
         raise EmptyDatasetError(f"no objects under {where}: {hint} in the dataset string")
     if len(catalog) == 0:
         examples = ", ".join(catalog.unparsed_examples[:3])
@@ -188,32 +187,19 @@ async def collect_catalog(spec: DatasetSpec, s3cfg: dict, *, source: str | None 
     """Read every key (or load_data row) of the dataset's locations and group them, all channels kept."""
     maps = ChannelMaps()
     reports = Reports()
-    context = os.path.abspath(spec.root) if spec.is_local else ""
-    origin = "index file" if source else "LIST"
-    collector = KeyCollector(context, origin="walk" if spec.is_local and not source else origin)
-    reader = TableReader(origin="index file" if source else "load_data",
-                         rebase=local_rebase(spec.root, spec.prefixes) if spec.is_local else s3_rebase(spec.prefixes),
-                         keep=(lambda folder: True) if spec.is_local else prefix_filter(spec.prefixes),
-                         maps=maps, reports=reports, context=context)
+    storage = spec.storage
+    collector = KeyCollector(storage.context, origin="index file" if source else storage.key_origin)
+    reader = TableReader(origin="index file" if source else "load_data", rebase=storage.rebase(),
+                         keep=storage.keeps_folder(), maps=maps, reports=reports, context=storage.context)
     wanted = PlateFilter(spec.selection, plate_table)
     endpoint = resolve_endpoint(s3cfg.get("endpoint_url"))
     discovery: dict = {}
     try:
         if source:
             discovery["index_format"] = await read_index_file(source, spec, s3cfg, collector.add, reader.add)
-        elif spec.is_local:
-            discovery["load_data_plates"] = await asyncio.to_thread(index_local, spec.root, reader, collector,
-                                                                    wanted, progress)
         else:
-            concurrency = int(s3cfg.get("list_concurrency", 16))
-            async with make_s3_client(s3cfg, max_pool=concurrency) as client:
-                indexer = WorkspaceIndexer(client, spec.bucket, reader=reader, collector=collector, wanted=wanted,
-                                           plate_table=plate_table, concurrency=concurrency, progress=progress)
-                try:
-                    await indexer.index(spec.prefixes)
-                except BaseExceptionGroup as group:
-                    raise _first(group) from None
-                discovery = asdict(indexer.stats)
+            discovery = await storage.find_keys(s3cfg, reader=reader, collector=collector, wanted=wanted,
+                                                plate_table=plate_table, progress=progress)
     except PrefetchdError:
         raise
     except Exception as exc:
@@ -233,12 +219,6 @@ async def collect_catalog(spec: DatasetSpec, s3cfg: dict, *, source: str | None 
     catalog = await asyncio.to_thread(finish)
     _check_not_empty(catalog, spec, source)
     return catalog
-
-
-def _first(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 async def build_index(spec: DatasetSpec, s3cfg: dict, cache_dir: Path, *, refresh: bool = False,

@@ -16,14 +16,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from prefetchd.catalog import Catalog
-from prefetchd.errors import PrefetchdError
+from prefetchd.errors import ErrorCode, PrefetchdError
 
 FORMAT_VERSION = 2
 log = logging.getLogger("prefetchd.index")
 
 
 class CacheWriteError(PrefetchdError):
-    code = "cache_write"
+    code = ErrorCode.CACHE_WRITE
 
 
 def cache_file(cache_dir: Path, cache_key: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetchd.dataset import DatasetSpec
-from prefetchd.errors import PrefetchdError
+from prefetchd.errors import IndexBuilding
 from prefetchd.index import Index, build_index
 from prefetchd.s3 import resolve_endpoint
 
@@ -31,9 +31,9 @@ class IndexRegistry:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.wait_s)
         except asyncio.TimeoutError:
-            raise PrefetchdError(
+            raise IndexBuilding(
                 f"the index of {spec.text} is still building after {self.wait_s:.0f} s; attach again later "
-                "(see `prefetchd status`) or raise index.wait_s", code="index_building") from None
+                "(see `prefetchd status`) or raise index.wait_s") from None
 
     async def _build(self, spec: DatasetSpec) -> Index:
         name = spec.text

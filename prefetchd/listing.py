@@ -19,15 +19,17 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
 
-from prefetchd.dataset import DatasetSpec
-from prefetchd.errors import DatasetError, StorageError
+from prefetchd.errors import DatasetError, ErrorCode, StorageError
 from prefetchd.layouts import barcode_of
 from prefetchd.s3 import make_s3_client
+
+if TYPE_CHECKING:
+    from prefetchd.dataset import DatasetSpec
 
 Sink = Callable[[str, int, "str | None"], None]
 Progress = Callable[[int, int, int], None]  # (done plates, total plates so far, keys or rows seen)
@@ -174,7 +176,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
     """Every file under root, as a path relative to root with '/' separators; returns the count."""
     if not os.path.isdir(root):
         raise StorageError(f"local dataset root {root} does not exist or is not a directory: fix root= in "
-                           "the dataset string (or copy the data there with `aws s3 sync`)", code="no_root")
+                           "the dataset string (or copy the data there with `aws s3 sync`)", code=ErrorCode.NO_ROOT)
     count = 0
     leaves = 0
     stack = [""]
@@ -185,7 +187,7 @@ def walk_local(root: str, sink: Sink, progress: Progress | None = None) -> int:
         except PermissionError:
             raise StorageError(f"cannot read {os.path.join(root, relative)}: permission denied; fix the "
                                "directory permissions or run as a user that can read it",
-                               code="no_root") from None
+                               code=ErrorCode.NO_ROOT) from None
         for entry in entries:
             path = f"{relative}{entry.name}"
             if entry.is_dir(follow_symlinks=True):
@@ -299,7 +301,7 @@ def read_table_bytes(data: bytes, name: str, table_sink, where: str) -> None:
 
 
 def _keep(key: str, spec: DatasetSpec) -> bool:
-    return spec.is_local or not spec.prefix or any(key.startswith(p + "/") for p in spec.prefixes)
+    return spec.storage.holds(key)
 
 
 def _keys_file(text: io.TextIOBase, spec: DatasetSpec, sink: Sink) -> int:

@@ -1,7 +1,9 @@
 """The control protocol: newline-delimited JSON over a unix socket, one request → one reply.
 
 Requests are size-bounded and validated against a small schema per operation before anything acts
-on them. Every error reply is `{"ok": false, "code": ..., "error": "<what to change>"}`.
+on them (`SCHEMA`, `decode_request`). Replies are built here (`*_reply`), so their fields are named in one
+place. Every error reply is `{"ok": false, "code": ..., "error": "<what to change>"}` with a code of
+`ErrorCode`; `error_from_reply` turns it back into the exception class it was raised as.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefetchd.errors import ProtocolError
+from prefetchd.errors import ErrorCode, InternalError, PrefetchdError, ProtocolError, class_for
 
 MAX_LINE = 64 * 1024  # bytes per request or reply line
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # every integer field must fit in int64
@@ -72,3 +74,46 @@ def decode_request(line: bytes) -> dict[str, Any]:
     if missing:
         raise ProtocolError(f"op {op!r} needs field(s): {', '.join(missing)}")
     return request
+
+
+# ---- replies ---------------------------------------------------------------------------------------
+
+def ok_reply(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def attach_reply(*, job: str, layout: dict, fields: int, channels: list[str], batches_per_epoch: int,
+                 preprocessing: dict, epoch: int, position: int) -> dict[str, Any]:
+    return ok_reply(job=job, layout=layout, fields=fields, channels=channels, batches_per_epoch=batches_per_epoch,
+                    preprocessing=preprocessing, position={"epoch": epoch, "position": position})
+
+
+def batch_reply(*, epoch: int, batch: int, slots: list[int], ids: list[str], generations: list[int],
+                waited_s: float) -> dict[str, Any]:
+    """The batch a rank asked for: slots leased to it until its next request, and the ids of their fields."""
+    return ok_reply(end=False, epoch=epoch, batch=batch, slots=slots, ids=ids, generations=generations,
+                    waited_s=waited_s)
+
+
+def end_of_epoch_reply(*, epoch: int, batches: int) -> dict[str, Any]:
+    return ok_reply(end=True, epoch=epoch, batches=batches)
+
+
+def error_reply(error: PrefetchdError) -> dict[str, Any]:
+    return {"ok": False, "code": error.code, "error": error.message}
+
+
+def internal_error_reply(exc: BaseException) -> dict[str, Any]:
+    return error_reply(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def error_from_reply(reply: dict[str, Any]) -> PrefetchdError:
+    """The exception an error reply stands for, as its own class (StorageError, DaemonStopping, ...)."""
+    code = reply.get("code", ErrorCode.ERROR)
+    message = reply.get("error", "unknown error")
+    try:
+        return class_for(code)(message, code=code)
+    except ValueError:  # a code this version does not know (a newer daemon)
+        error = PrefetchdError(message)
+        error.code = code
+        return error

@@ -17,7 +17,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from prefetchd.errors import PrefetchdError, StorageError
+from prefetchd.errors import ErrorCode, PrefetchdError, StorageError
 
 ENDPOINT_SETTINGS = "s3.endpoint_url (or AWS_ENDPOINT_URL_S3)"
 _ACCESS_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"}
@@ -69,21 +69,21 @@ def _client_error(exc: ClientError, endpoint: str | None, bucket: str | None) ->
     if code in _NO_BUCKET or (status == 404 and exc.operation_name == "HeadBucket"):
         return StorageError(f"bucket {bucket!r} does not exist at {at} (NoSuchBucket): fix bucket= in the "
                             f"dataset string, or {ENDPOINT_SETTINGS} if it lives on another endpoint",
-                            code="no_such_bucket")
+                            code=ErrorCode.NO_SUCH_BUCKET)
     if code in ("PermanentRedirect", "301") or status == 301:
         region = error.get("Region") or "the bucket's region"
         return StorageError(f"{where} is not in s3.region at {at} ({code or status}): set s3.region={region}",
-                            code="wrong_region")
+                            code=ErrorCode.WRONG_REGION)
     if code in _BAD_CREDENTIALS:
         return StorageError(f"{at} rejected the credentials for {where} ({code}): fix AWS_ACCESS_KEY_ID/"
                             "AWS_SECRET_ACCESS_KEY/AWS_PROFILE, or set s3.unsigned=true for a public bucket",
-                            code="access_denied")
+                            code=ErrorCode.ACCESS_DENIED)
     if code in _ACCESS_DENIED or status == 403:
         return StorageError(f"access denied to {where} at {at} (403 {code or 'Forbidden'}): the bucket is not "
                             "public or needs credentials; set s3.unsigned=false and provide AWS credentials "
-                            "(AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)", code="access_denied")
+                            "(AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)", code=ErrorCode.ACCESS_DENIED)
     message = error.get("Message") or code or f"HTTP {status}"
-    return StorageError(f"{at} answered {code or status} for {where}: {message}", code="storage")
+    return StorageError(f"{at} answered {code or status} for {where}: {message}", code=ErrorCode.STORAGE)
 
 
 def classify_storage_error(exc: BaseException, endpoint: str | None, bucket: str | None = None,
@@ -96,17 +96,17 @@ def classify_storage_error(exc: BaseException, endpoint: str | None, bucket: str
     at = describe_endpoint(endpoint)
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"no AWS credentials found for {at}: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
-                            "AWS_SECRET_ACCESS_KEY, or s3.unsigned=true for a public bucket", code="access_denied")
+                            "AWS_SECRET_ACCESS_KEY, or s3.unsigned=true for a public bucket", code=ErrorCode.ACCESS_DENIED)
     if _is_dns_failure(exc):
         return StorageError(f"cannot resolve host {endpoint_host(endpoint, region)!r} of endpoint {at}: fix "
-                            f"{ENDPOINT_SETTINGS} or the network's DNS", code="dns")
+                            f"{ENDPOINT_SETTINGS} or the network's DNS", code=ErrorCode.DNS)
     if _is_refused(exc):
         return StorageError(f"connection refused by {at}: the endpoint is down or the URL is wrong; start it "
-                            f"or fix {ENDPOINT_SETTINGS}", code="connection_refused")
+                            f"or fix {ENDPOINT_SETTINGS}", code=ErrorCode.CONNECTION_REFUSED)
     if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, TimeoutError)):
         return StorageError(f"{at} timed out: check the network or raise s3.connect_timeout_s/"
-                            "s3.read_timeout_s", code="timeout")
+                            "s3.read_timeout_s", code=ErrorCode.TIMEOUT)
     if isinstance(exc, (EndpointConnectionError, OSError)):
         return StorageError(f"cannot connect to {at}: {exc}; check {ENDPOINT_SETTINGS} and the network",
-                            code="storage")
-    return StorageError(f"object store error at {at}: {type(exc).__name__}: {exc}", code="storage")
+                            code=ErrorCode.STORAGE)
+    return StorageError(f"object store error at {at}: {type(exc).__name__}: {exc}", code=ErrorCode.STORAGE)

@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from prefetchd import synth
-from prefetchd.locals3 import LocalS3
+from prefetchd.dev import synth
+from prefetchd.dev.locals3 import LocalS3
 from prefetchd.shm.arena import read_owner_pid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_offline_bounds_belady_dominates_lru():
-    from bench.compare import schedule_sequence, simulate
+    from prefetchd.bounds import schedule_sequence, simulate
 
     seq = schedule_sequence(40, 3, 0, 4)
     for cache in (5, 10, 20, 40):

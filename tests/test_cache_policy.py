@@ -1,7 +1,7 @@
 """`belady` prefetching loses no hit to offline MIN: the eviction rule on SlotCache, MIN's "doomed" residents,
 the real Job in-process (instant store), and a real daemon against moto's S3 counting GETs.
 
-The bound is bench.compare.simulate(): a demand-fetch cache of `cache_size` fields over the same schedule.
+The bound is prefetchd.bounds.simulate(): a demand-fetch cache of `cache_size` fields over the same schedule.
 A use is a hit only when its slot already served a use since it was filled (a prefetched field's first use is
 a miss), so the daemon's misses per epoch compare one to one with the bound's.
 """
@@ -18,17 +18,22 @@ import numpy as np
 import pytest
 import tifffile
 
-from bench.compare import schedule_sequence, simulate
-from prefetchd import synth
-from prefetchd.cache import SlotCache, min_evictions
+from prefetchd.dev import synth
+from prefetchd.cache import SlotCache
 from prefetchd.client import attach
 from prefetchd.control import request
 from prefetchd.counters import FetchCounters
 from prefetchd.index import Field, Index
-from prefetchd.job import Job, JobSpec
+from prefetchd.filler import quarantine_field
+from prefetchd.job import Job
+from prefetchd.options import JobSpec
+from prefetchd.planner.belady import farthest, min_evictions, take_doomed_slot
+from prefetchd.bounds import schedule_sequence, simulate
 from prefetchd.preprocess import Preprocessing
+from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import schedule
 from prefetchd.shm.arena import Arena, SlotState
+from prefetchd.timeline import RankState, Timeline
 
 RAW = {"illum": False, "clahe": False, "rescale": False}
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
@@ -46,12 +51,12 @@ def min_misses(n: int, cache: int, epochs: int, batch: int, seed: int = 0) -> li
 @pytest.fixture
 def cache():
     arena = Arena.create(f"prefetchd-test-{uuid.uuid4().hex[:8]}", 4, (1, 2, 2))
-    yield SlotCache(arena, "belady")
+    yield SlotCache(arena)
     arena.destroy()
 
 
 def fill(cache: SlotCache, field: int) -> int:
-    slot = cache.take_slot(set())
+    slot = cache.take_free()
     cache.begin_fill(field, slot)
     cache.finish_fill(slot)
     return slot
@@ -59,18 +64,18 @@ def fill(cache: SlotCache, field: int) -> int:
 
 def test_prefetch_takes_a_free_slot_without_evicting(cache):
     fill(cache, 10)
-    assert cache.take_slot_for(iter([10]), set()) is not None  # 3 slots still free
+    assert take_doomed_slot(cache, iter([10]), set()) is not None  # 3 slots still free
     assert cache.lookup(10) is not None and cache.evicted_unused == 0
 
 
 def test_prefetch_evicts_only_a_doomed_field_that_is_free_to_go(cache):
     slots = {f: fill(cache, f) for f in (10, 11, 12, 13)}
     cache.lease(slots[10])                         # leased: never
-    cache.begin_fill(99, cache.take_slot(set(), lambda f: 0 if f != 13 else math.inf))  # evicts 13
+    cache.begin_fill(99, cache.evict(farthest(cache, set(), lambda f: 0 if f != 13 else math.inf)))  # evicts 13
     assert cache.lookup(13) is None
     filling = cache.lookup(99)                      # filling: never
     # MIN evicts 10 (leased), 99 (filling), 11 (protected) and 12, in that order: only 12 may go
-    slot = cache.take_slot_for(iter([10, 99, 11, 12]), protected={11})
+    slot = take_doomed_slot(cache, iter([10, 99, 11, 12]), protected={11})
     assert slot == slots[12] and cache.lookup(12) is None
     assert cache.state[slots[10]] == SlotState.LEASED and cache.state[filling] == SlotState.FILLING
     assert cache.lookup(11) == slots[11]
@@ -79,11 +84,11 @@ def test_prefetch_evicts_only_a_doomed_field_that_is_free_to_go(cache):
 def test_prefetch_waits_when_no_doomed_field_can_go(cache):
     slots = {f: fill(cache, f) for f in (10, 11, 12, 13)}
     cache.lease(slots[10])
-    assert cache.take_slot_for(iter([10, 11]), protected={11}) is None
-    assert cache.take_slot_for(iter([]), set()) is None   # nothing doomed: MIN keeps every resident
+    assert take_doomed_slot(cache, iter([10, 11]), protected={11}) is None
+    assert take_doomed_slot(cache, iter([]), set()) is None   # nothing doomed: MIN keeps every resident
     assert all(cache.lookup(f) == s for f, s in slots.items())
     cache.release(slots[10])                               # once released, the doomed field goes
-    assert cache.take_slot_for(iter([10]), set()) == slots[10]
+    assert take_doomed_slot(cache, iter([10]), set()) == slots[10]
 
 
 def test_prefetch_consumes_the_doomed_sequence_lazily(cache):
@@ -96,7 +101,7 @@ def test_prefetch_consumes_the_doomed_sequence_lazily(cache):
             seen.append(f)
             yield f
 
-    cache.take_slot_for(doomed(), set())
+    take_doomed_slot(cache, doomed(), set())
     assert seen == [11]
 
 
@@ -182,7 +187,7 @@ async def run_job(n: int, cache_size: int, batch: int, epochs: int, policy: str,
     job = Job(spec, Index("x", CHANNELS, fields), InstantStore(), pool, max_fills=6, local_world_size=world)
     await job.start()
     for f in quarantine:
-        job._quarantine(f, "test")
+        quarantine_field(job.quarantine, job.index, f, "test")
     served: list[list[str]] = [[] for _ in range(world)]
     try:
         for r in range(world):
@@ -190,8 +195,7 @@ async def run_job(n: int, cache_size: int, batch: int, epochs: int, policy: str,
         for e in range(epochs):
             for k in range(job.batches_per_epoch):
                 for r in range(world):  # ranks in lockstep, batch by batch
-                    reply = await job.next_batch(r, e, k)
-                    served[r] += reply["ids"]
+                    served[r] += (await job.next_batch(r, e, k)).ids
         status = job.status()
     finally:
         await job.close()
@@ -264,14 +268,14 @@ def test_a_rank_slower_than_a_fill_gets_its_next_batch_even_when_min_would_wait(
             for e in range(3):
                 for k in range(job.batches_per_epoch):
                     await job.next_batch(0, e, k)      # the rank now holds batch k; the prefetcher has not run
-                    nxt = job._next_batches()
-                    job._plan()
+                    nxt = job.planner.next_batches()
+                    job.planner.plan()
                     if all(job.cache.lookup(f) is not None for f in nxt):
                         continue
                     assert not job.cache.free          # MIN's victim cannot go yet: the exact rule waits
                     job.pace.fill_s, state.think_s = 0.01, 1.0   # ...but this rank would stall for it
-                    job._plan()
-                    return job.stats.guarded_evictions, all(job.cache.lookup(f) is not None for f in nxt)
+                    job.planner.plan()
+                    return job.planner.guarded_evictions, all(job.cache.lookup(f) is not None for f in nxt)
             return None
         finally:
             await job.close()
@@ -284,24 +288,21 @@ def test_a_rank_slower_than_a_fill_gets_its_next_batch_even_when_min_would_wait(
 
 
 def test_horizon_merges_ranks_and_substitutes():
-    fields = [Field(f"p/A{i:02d}/1", "b", "p", f"A{i:02d}", 1, ("k",) * 5, (-1,) * 5, None) for i in range(8)]
-    spec = JobSpec("h", "x", 0, 2, 2, False, 8, 1, "belady", Preprocessing(illum=False, rescale=None, clahe=None),
-                   CHANNELS)
-    job = Job(spec, Index("x", CHANNELS, fields), InstantStore(), None, max_fills=4, local_world_size=2)
-    for r in (0, 1):
-        job.add_rank(r)
+    quarantine = Quarantine(8)
+    timeline = Timeline(8, 0, 2, 2, False, quarantine)
+    ranks = [RankState(0), RankState(1)]
     orders = [schedule(8, 0, 0, r, 2, 2).tolist() + schedule(8, 0, 1, r, 2, 2).tolist() for r in (0, 1)]
-    h = job.horizon()
+    h = timeline.horizon(ranks)
     for f in range(8):
         expected = sorted(d for order in orders for d, g in enumerate(order) if g == f)
         assert h.uses(f) == expected
     assert [f for _, f in h.references()][:4] == [orders[0][0], orders[1][0], orders[0][1], orders[1][1]]
-    job.ranks[0].position = 3
-    assert job.horizon() is not h and job.next_use(orders[0][3]) == 0
+    ranks[0].position = 3
+    assert timeline.horizon(ranks) is not h and timeline.horizon(ranks).next_use(orders[0][3]) == 0
     q = orders[0][5]
-    job._quarantine(q, "test")
-    sub = job.substitute(q)
-    assert 2 in job.horizon().uses(sub) and job.horizon().uses(q) == []
+    quarantine.add(q, "test")
+    sub = timeline.substitute(q)
+    assert 2 in timeline.horizon(ranks).uses(sub) and timeline.horizon(ranks).uses(q) == []
 
 
 # ---- a real daemon against moto's S3: misses and GETs ---------------------------------------------

@@ -233,8 +233,8 @@ def test_compatible_full_size_threads_and_ranges():
 
 
 def test_compatible_render_channel():
-    """Every stain of a synthetic field (prefetchd.synth.render_channel), odd size."""
-    from prefetchd import synth
+    """Every stain of a synthetic field (prefetchd.dev.synth.render_channel), odd size."""
+    from prefetchd.dev import synth
 
     spec = synth.demo_spec(fields=8, size=301, seed=4)
     plate = spec.plates[0]

@@ -323,7 +323,7 @@ def test_snapshot_reports_every_field():
 def test_config_switch_and_server_limiter():
     from prefetchd.config import Config
     from prefetchd.errors import ConfigError
-    from prefetchd.server import make_limiter
+    from prefetchd.stores import make_limiter
 
     config = Config.load()
     assert config.get("s3.get_concurrency") == "adaptive"
@@ -344,7 +344,7 @@ def test_server_status_and_reload_keep_one_limiter_for_every_job():
         config = Config.load(None, ["s3.max_concurrency=10"])
         server = Server(config, reload=lambda: Config.load(None, overrides))
         try:
-            limiter = server.limiter
+            limiter = server.stores.limiter
             server.reload_config()  # never throttled: the limit follows the new maximum
             c = server.status()["concurrency"]
             assert (c["limit"], c["maximum"]) == (20, 20)
@@ -359,7 +359,7 @@ def test_server_status_and_reload_keep_one_limiter_for_every_job():
             server.reload_config()
             c = server.status()["concurrency"]
             assert (c["limit"], c["maximum"], c["minimum"], c["adaptive"]) == (8, 8, 8, False)
-            assert server.limiter is limiter  # attached jobs hold it: one limit for all jobs
+            assert server.stores.limiter is limiter  # attached jobs hold it: one limit for all jobs
         finally:
             server.pool.shutdown(wait=False)
     run(main())

@@ -44,7 +44,8 @@ def test_config_layers_defaults_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("s3.max_concurency=4", "unknown config key 's3.max_concurency'; accepted keys here: connect_timeout_s"),
+    ("s3.max_concurency=4", "unknown config key 's3.max_concurency'; accepted keys here: s3.endpoint_url, s3.region"),
+    ("s3=4", "s3 is a section (endpoint_url, region"),
     ("s3.max_concurrency=lots", "s3.max_concurrency must be a number"),
     ("s3.unsigned=maybe", "s3.unsigned must be true or false"),
     ("defaults.policy=fifo", "defaults.policy must be one of lru, belady"),
@@ -55,6 +56,20 @@ def test_bad_config_names_the_key_and_accepted_values(override, message):
     with pytest.raises(ConfigError) as info:
         Config.load(None, [override])
     assert message in info.value.message
+
+
+def test_daemon_and_trainer_share_one_config_mechanism(tmp_path):
+    from prefetchd.config import SCHEMA
+    from trainer.config import SCHEMA as TRAINER_SCHEMA
+
+    assert type(SCHEMA) is type(TRAINER_SCHEMA)
+    # YAML 1.1 reads 1e1 as text; both read it as the number it is
+    assert Config.load(None, ["s3.read_timeout_s=1e1"]).get("s3.read_timeout_s") == 10.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("s3: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"config file {bad} is not valid YAML") as info:
+        Config.load(bad)
+    assert "\n" not in info.value.message  # one line
 
 
 def test_attach_options_are_validated():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from prefetchd import synth
+from prefetchd.dev import synth
 from prefetchd.channels import DEFAULT_CHANNELS, PHENIX_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request
@@ -278,7 +278,7 @@ def test_client_raises_daemon_not_running(tmp_path):
 
 
 def test_daemon_killed_mid_epoch_and_restarted_loses_and_duplicates_nothing(synthetic, tmp_path_factory):
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
 
     workdir = Path(tempfile.mkdtemp(prefix="pfd-", dir="/tmp"))
     overrides = [f"s3.endpoint_url={synthetic.endpoint_url}", f"cache_dir={workdir / 'cache'}"]

@@ -103,7 +103,7 @@ def test_corrupt_bytes_without_s3_checksums_are_never_delivered(daemon, syntheti
 def test_a_rank_waiting_in_next_during_a_restart_gets_exactly_its_batch(daemon, synthetic, proxy, s3):
     import threading
 
-    from prefetchd.daemon_process import DaemonProcess
+    from prefetchd.dev.daemon_process import DaemonProcess
     from prefetchd.schedule import schedule
 
     d = daemon("s3.read_timeout_s=60", endpoint_url=proxy.url)

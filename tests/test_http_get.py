@@ -12,7 +12,7 @@ from prefetchd.counters import FetchCounters
 from prefetchd.errors import CorruptObjectError
 from prefetchd.fetch import S3Store
 from prefetchd.http_get import make_http_session, object_url_template, quote_key
-from prefetchd.locals3 import admin_client, public_read_policy
+from prefetchd.dev.locals3 import admin_client, public_read_policy
 from prefetchd.s3 import make_s3_client
 
 KEYS = ["plain.tiff", "source_3/Measurement 1/r01c01f01p01-ch1sk1fk1fl1.tiff", "a+b/c%d~e&f=g?.tiff", "ünï/ß.tiff"]

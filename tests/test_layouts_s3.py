@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from prefetchd import synth_layouts as sl
 from prefetchd.client import attach
 from prefetchd.config import Config
 from prefetchd.dataset import parse_dataset
+from prefetchd.dev import synth_layouts as sl
 from prefetchd.errors import DatasetError
 from prefetchd.index import build_index, cli_index
 

@@ -12,7 +12,7 @@ import socket
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from prefetchd import synth
+from prefetchd.dev import synth
 from prefetchd.channels import PHENIX_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request

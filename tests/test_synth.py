@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from hypothesis import given, settings, strategies as st
 
-from prefetchd import synth
-from prefetchd.locals3 import anonymous_client
+from prefetchd.dev import synth
+from prefetchd.dev.locals3 import anonymous_client
 
 # Written from JUMP_DATA.md, independently of synth.KEY_PATTERN.
 REAL_KEYS = [

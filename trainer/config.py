@@ -1,17 +1,22 @@
 """Training configuration: built-in YAML defaults, then a YAML file, then `key=value` overrides.
 
-Keys are validated against the defaults, so a typo names the accepted keys instead of being ignored.
+Keys are validated against the defaults, so a typo names the accepted keys instead of being ignored (the
+mechanism is prefetchd/yaml_config.py, shared with the daemon's config; the table below is the trainer's).
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from prefetchd.policy import Policy
+from prefetchd.yaml_config import Schema, get, nest
 from trainer.errors import TrainerError
+
+__all__ = ["CHOICES", "DEFAULTS", "FREE_FORM", "REQUIRED", "get", "load_config", "load_defaults", "main", "merge",
+           "nest", "parse_override"]
 
 DEFAULTS = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
 REQUIRED = ("train.dataset_path",)
@@ -19,7 +24,7 @@ CHOICES = {
     "train.multiview_mode": ("channel_as_view", "all_channels"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base"),
-    "s3.policy": ("lru", "belady"),
+    "s3.policy": Policy.names(),
     "compute_precision.param_dtype": ("bf16", "fp32"),
 }
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
@@ -30,83 +35,13 @@ def load_defaults() -> dict[str, Any]:
     return yaml.safe_load(DEFAULTS.read_text())
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise TrainerError(f"override {item!r} is not key=value (for example optim.epochs=10)")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+SCHEMA = Schema(load_defaults(), choices=CHOICES, free_form=FREE_FORM, required=REQUIRED, error=TrainerError,
+                example="optim.epochs=10")
+parse_override = SCHEMA.parse_override
 
 
-def nest(key: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return out
-
-
-def merge(base: dict, update: dict, path: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        full = f"{path}{key}"
-        if key not in base:
-            accepted = ", ".join(f"{path}{k}" for k in base)
-            raise TrainerError(f"unknown config key {full!r}; accepted keys here: {accepted}")
-        ref = base[key]
-        if isinstance(ref, dict) and full not in FREE_FORM:
-            if not isinstance(value, dict):
-                raise TrainerError(f"{full} is a section ({', '.join(ref)}), got {value!r}")
-            out[key] = merge(ref, value, full + ".")
-        else:
-            out[key] = _check_type(full, value, ref)
-    return out
-
-
-def _check_type(path: str, value: Any, ref: Any) -> Any:
-    if path in CHOICES and value not in CHOICES[path]:
-        raise TrainerError(f"{path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
-    if ref is None or value is None or path in FREE_FORM:
-        return value
-    if isinstance(ref, bool):
-        if not isinstance(value, bool):
-            raise TrainerError(f"{path} must be true or false, got {value!r}")
-    elif isinstance(ref, (int, float)):
-        value = _yaml11_float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainerError(f"{path} must be a number, got {value!r}")
-        if isinstance(ref, int) and float(value) != int(value):
-            raise TrainerError(f"{path} must be an integer, got {value!r}")
-        value = type(ref)(value)
-    elif isinstance(ref, list) and not isinstance(value, list):
-        value = [v.strip() for v in str(value).split(",")] if isinstance(value, str) else value
-        if not isinstance(value, list):
-            raise TrainerError(f"{path} must be a list, got {value!r}")
-    elif isinstance(ref, str) and not isinstance(value, str):
-        raise TrainerError(f"{path} must be text, got {value!r}")
-    return value
-
-
-def _yaml11_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as text; users mean a number."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def get(cfg: dict, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def merge(base: dict, update: dict) -> dict:
+    return SCHEMA.merge(base, update)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), require: bool = True,
@@ -115,33 +50,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), requi
 
     Missing required keys are errors when `require`.
     """
-    cfg = load_defaults()
-    if base is not None:
-        cfg = merge(cfg, base)
-    if path is not None:
-        cfg = merge(cfg, _read_yaml(Path(path)))
-    for item in overrides:
-        cfg = merge(cfg, nest(*parse_override(item)))
-    missing = [key for key in REQUIRED if require and get(cfg, key) in (None, "")]
-    if missing:
-        raise TrainerError(
-            f"missing config key {', '.join(missing)}: set it in the config file or as {missing[0]}=…"
-        )
-    return cfg
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise TrainerError(f"cannot read config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise TrainerError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainerError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
-    return data
+    return SCHEMA.load(path, overrides, base=base, require=require)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,16 +82,23 @@ def pad_for_tiles(image: np.ndarray, g: Geometry) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, g.pad_bottom, 0, g.pad_right, cv2.BORDER_REFLECT_101)
 
 
+def check_params(clip_limit: float, tile_grid, bins: int, *, error: type[Exception] = ValueError,
+                 prefix: str = "") -> None:
+    """The one check of CLAHE's parameters, for the kernels (ValueError) and the config (`error`, `prefix`
+    "clahe.")."""
+    if not 2 <= int(bins) <= MAX_BINS:
+        raise error(f"{prefix}bins must be an integer in [2, {MAX_BINS}], got {bins}")
+    tx, ty = tile_counts(tile_grid)
+    if tx < 1 or ty < 1:
+        raise error(f"{prefix}tile_grid must be an integer >= 1, got {tile_grid}")
+    if not clip_limit > 0:
+        raise error(f"{prefix}clip_limit must be > 0, got {clip_limit:g}")
+
+
 def check_args(image: np.ndarray, clip_limit: float, tile_grid, bins: int) -> None:
     if image.dtype != np.uint16 or image.ndim != 2:
         raise ValueError(f"CLAHE needs a uint16 [H, W] image, got {image.dtype} {image.shape}")
-    if not 2 <= int(bins) <= MAX_BINS:
-        raise ValueError(f"bins must be an integer in [2, 65536], got {bins}")
-    tx, ty = tile_counts(tile_grid)
-    if tx < 1 or ty < 1:
-        raise ValueError(f"tile_grid must be >= 1, got {tile_grid}")
-    if not clip_limit > 0:
-        raise ValueError(f"clip_limit must be > 0, got {clip_limit}")
+    check_params(clip_limit, tile_grid, bins)
 
 
 # ----------------------------------------------------------------------------------------------- numpy

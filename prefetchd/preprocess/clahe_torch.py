@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prefetchd.preprocess.clahe import MAX_BINS, geometry, preblend, tile_counts
+from prefetchd.preprocess.clahe import MAX_BINS, check_params, geometry, preblend
 
 
 def _reflect101(n: int, pad: int, device) -> torch.Tensor:
@@ -41,13 +41,7 @@ def clahe_torch(x: torch.Tensor, clip_limit: float = 3.0, tile_grid=8, bins: int
     if x.dim() < 2:
         raise ValueError(f"clahe_torch needs [..., H, W], got shape {tuple(x.shape)}")
     bins = int(bins)
-    if not 2 <= bins <= MAX_BINS:
-        raise ValueError(f"bins must be an integer in [2, 65536], got {bins}")
-    tx_, ty_ = tile_counts(tile_grid)
-    if tx_ < 1 or ty_ < 1:
-        raise ValueError(f"tile_grid must be >= 1, got {tile_grid}")
-    if not clip_limit > 0:
-        raise ValueError(f"clip_limit must be > 0, got {clip_limit}")
+    check_params(clip_limit, tile_grid, bins)
     dev = x.device
     lead = x.shape[:-2]
     H, W = int(x.shape[-2]), int(x.shape[-1])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from prefetchd.errors import ConfigError
+from prefetchd.preprocess.clahe import check_params
 from prefetchd.preprocess.clahe import clahe as _clahe_cpu
 from prefetchd.preprocess.clahe import rescale as _rescale
 
@@ -66,14 +67,9 @@ def parse_clahe(clahe: Any) -> ClaheOptions | None:
     if unknown:
         raise ConfigError(f"unknown clahe option(s) {unknown}; accepted: {', '.join(CLAHE_KEYS)}")
     clip = _number("clahe.clip_limit", clahe.get("clip_limit", DEFAULT_CLAHE.clip_limit), "> 0")
-    if clip <= 0:
-        raise ConfigError(f"clahe.clip_limit must be > 0, got {clip:g}")
     tiles = _integer("clahe.tile_grid", clahe.get("tile_grid", DEFAULT_CLAHE.tile_grid), ">= 1")
-    if tiles < 1:
-        raise ConfigError(f"clahe.tile_grid must be an integer >= 1, got {tiles}")
     bins = _integer("clahe.bins", clahe.get("bins", DEFAULT_CLAHE.bins), "in [2, 65536]")
-    if not 2 <= bins <= 65536:
-        raise ConfigError(f"clahe.bins must be an integer in [2, 65536], got {bins}")
+    check_params(clip, tiles, bins, error=ConfigError, prefix="clahe.")
     where = clahe.get("where", DEFAULT_CLAHE.where)
     if where not in WHERE:
         raise ConfigError(f"clahe.where must be one of {', '.join(WHERE)}, got {where!r}")

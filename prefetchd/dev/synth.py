@@ -491,7 +491,7 @@ def _manifest_summary(manifest: SynthManifest) -> dict:
 
 def upload(manifest_or_root: SynthManifest | Path, endpoint_url: str, bucket: str, workers: int = 16) -> int:
     """Create a public-read bucket and upload every synthetic object under the same key; returns bytes sent."""
-    from prefetchd.locals3 import admin_client, create_public_bucket
+    from prefetchd.dev.locals3 import admin_client, create_public_bucket
 
     root, keys = _keys_to_upload(manifest_or_root)
     client = admin_client(endpoint_url, max_pool=workers)

@@ -1,4 +1,4 @@
-"""Start a `prefetchd serve` subprocess and wait until it takes attaches (used by demo, launcher, tests)."""
+"""Start a `prefetchd serve` subprocess and wait until it takes attaches (the demo, tests, benchmarks)."""
 
 from __future__ import annotations
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from prefetchd import synth
+from prefetchd.dev import synth
 from prefetchd.client import attach
 from prefetchd.control import request
-from prefetchd.daemon_process import DaemonProcess
-from prefetchd.locals3 import LocalS3
+from prefetchd.dev.daemon_process import DaemonProcess
+from prefetchd.dev.locals3 import LocalS3
 
 BUCKET = "cellpainting-gallery"
 
