@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
-from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
 from prefetchd.errors import AttachConflict, DaemonNotRunning, DaemonStopping, ErrorCode, IndexBuilding
+from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -170,7 +170,7 @@ class Stream:
 
 
 def attach(
-    dataset: str,
+    dataset: str | list[str],
     batch_size: int,
     seed: int = 0,
     rank: int = 0,
@@ -183,7 +183,12 @@ def attach(
     **options: Any,
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
-    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values."""
+    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values.
+    `dataset` may be a list of dataset strings of one bucket (a config list): their prefixes are joined."""
+    if isinstance(dataset, (list, tuple)):
+        from prefetchd.dataset import join_datasets
+
+        dataset = join_datasets(list(dataset))
     options = {k: v for k, v in options.items() if v is not None}
     dataset = absolute_local_root(dataset)
     if job is None:
