@@ -23,6 +23,12 @@ from prefetchd.shm.arena import Arena
 log = logging.getLogger(__name__)
 
 FILL_ATTEMPTS = 3  # whole-field attempts (each GET has its own retries) before quarantine
+FIELD_BUDGET_S = 120.0  # default of job.field_budget_s: the time a field's reads may take, all attempts together
+
+
+def over_budget(f: Field, budget_s: float) -> str:
+    return (f"no complete read of its {len(f.keys)} object(s) within job.field_budget_s={budget_s:g} s (they "
+            "stall or crawl); skipped for this job; raise job.field_budget_s if the link is this slow")
 
 
 async def fetch_channels(store: ObjectStore, f: Field) -> list[bytes]:
@@ -42,14 +48,21 @@ def quarantine_field(quarantine: Quarantine, index: Index, f: int, reason: str) 
     log.error("quarantined field %s: %s", index.fields[f].id, reason)
 
 
-async def probe(index: Index, store: ObjectStore, quarantine: Quarantine) -> tuple[int, list[bytes], tuple]:
+async def probe(index: Index, store: ObjectStore, quarantine: Quarantine,
+                budget_s: float = FIELD_BUDGET_S) -> tuple[int, list[bytes], tuple]:
     """The first readable field, its channels' bytes and the field shape; if none of the first few is
     readable, the dataset is the problem."""
     last: CorruptObjectError | None = None
     for candidate in range(min(len(index.fields), FILL_ATTEMPTS * 3)):
         f = index.fields[candidate]
         try:
-            blobs = await fetch_channels(store, f)
+            try:
+                async with asyncio.timeout(budget_s if budget_s > 0 else None) as budget:
+                    blobs = await fetch_channels(store, f)
+            except TimeoutError:
+                if not budget.expired():
+                    raise
+                raise CorruptObjectError(f"{f.id}: {over_budget(f, budget_s)}", code=ErrorCode.TIMEOUT) from None
             return candidate, blobs, probe_shape(blobs, list(f.keys))
         except CorruptObjectError as exc:
             last = exc
@@ -61,10 +74,16 @@ async def probe(index: Index, store: ObjectStore, quarantine: Quarantine) -> tup
 
 class Filler:
     """Runs the fills of one job's arena. `filling` maps each field being filled to a future that resolves to
-    True (in its slot) or False (quarantined); `on_done` runs after every fill, whatever its outcome."""
+    True (in its slot) or False (quarantined); `on_done` runs after every fill, whatever its outcome.
+
+    A field's reads (all attempts, each GET with its own retries) get `budget_s` together: a field whose objects
+    keep stalling is quarantined then, not after attempts × retries × read timeout, so a rank waiting for it
+    waits at most that long (plus its substitute's fill). Decoding is not timed: it writes into the slot
+    from a worker thread, which a timeout could not stop."""
 
     def __init__(self, index: Index, store: ObjectStore, pool: Executor, preprocessing: Preprocessing,
-                 arena: Arena, cache: SlotCache, quarantine: Quarantine, pace: Pace, on_done: Callable[[], None]):
+                 arena: Arena, cache: SlotCache, quarantine: Quarantine, pace: Pace, on_done: Callable[[], None],
+                 budget_s: float = FIELD_BUDGET_S):
         self.index = index
         self.store = store
         self.pool = pool
@@ -74,6 +93,7 @@ class Filler:
         self.quarantine = quarantine
         self.pace = pace
         self.on_done = on_done
+        self.budget_s = budget_s
         self.illum = IllumCache(store, index.illum, pool)
         self.filling: dict[int, asyncio.Future] = {}
         self.fields_fetched = 0
@@ -94,13 +114,21 @@ class Filler:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         error = ""
+        deadline = loop.time() + self.budget_s if self.budget_s > 0 else None   # 0: no budget
         try:
             for attempt in range(FILL_ATTEMPTS):
                 try:
-                    if blobs is None:
-                        blobs = await fetch_channels(self.store, field_)
-                    illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
-                                                  len(field_.keys))
+                    try:
+                        async with asyncio.timeout_at(deadline) as budget:
+                            if blobs is None:
+                                blobs = await fetch_channels(self.store, field_)
+                            illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
+                                                          len(field_.keys))
+                    except TimeoutError:
+                        if not budget.expired():
+                            raise
+                        error = over_budget(field_, self.budget_s)
+                        break
                     await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
                                                self.arena.slot(slot), list(field_.keys))
                     self.cache.finish_fill(slot)

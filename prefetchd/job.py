@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from prefetchd.cache import SlotCache
 from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
-from prefetchd.filler import Filler, probe
+from prefetchd.filler import FIELD_BUDGET_S, Filler, probe
 from prefetchd.index import Index
 from prefetchd.pace import Pace
 from prefetchd.options import JobSpec
@@ -85,13 +85,14 @@ class EpochEnd:
 class Job:
     def __init__(self, spec: JobSpec, index: Index, store: ObjectStore, pool: Executor, *,
                  max_fills: int, local_world_size: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 shm_budget: int = 0):
+                 shm_budget: int = 0, field_budget_s: float = FIELD_BUDGET_S):
         self.spec = spec
         self.index = index
         self.store = store
         self.pool = pool
         self.max_fills = max_fills
         self.local_world_size = local_world_size
+        self.field_budget_s = field_budget_s
         self._shm = (shm_mode, shm_gid, shm_budget)
         self.ranks: dict[int, RankState] = {}
         self.stats = JobStats()
@@ -129,12 +130,12 @@ class Job:
                 f"= ({s.prefetch_factor} + 1) × {s.batch_size} × {self.local_world_size} = {needed}: "
                 f"raise cache_size to at least {needed} or lower prefetch_factor/batch_size"
             )
-        first, blobs, shape = await probe(self.index, self.store, self.quarantine)
+        first, blobs, shape = await probe(self.index, self.store, self.quarantine, self.field_budget_s)
         mode, gid, budget = self._shm
         self.arena = Arena.create(arena_name(s.job), s.cache_size, shape, mode=mode, gid=gid, budget_bytes=budget)
         self.cache = SlotCache(self.arena)
         self.filler = Filler(self.index, self.store, self.pool, s.preprocessing, self.arena, self.cache,
-                             self.quarantine, self.pace, on_done=self._slots_changed)
+                             self.quarantine, self.pace, on_done=self._slots_changed, budget_s=self.field_budget_s)
         self.planner = make_planner(s.policy, batch_size=s.batch_size, cache_size=s.cache_size,
                                     prefetch_factor=s.prefetch_factor, max_fills=self.max_fills, ranks=self.ranks,
                                     timeline=self.timeline, cache=self.cache, filler=self.filler, pace=self.pace)
@@ -203,9 +204,18 @@ class Job:
 
     # ---- serving ---------------------------------------------------------------------------
 
+    async def orders_ready(self, rank: int, epoch: int) -> None:
+        """Compute the schedules of `epoch` and the next (what the horizon reads) off the event loop: a
+        permutation of millions of fields takes most of a second, and other jobs' ranks are waiting."""
+        loop = asyncio.get_running_loop()
+        for e in (epoch, epoch + 1):
+            if not self.timeline.has(rank, e):
+                self.timeline.put(rank, e, await loop.run_in_executor(self.pool, self.timeline.compute, rank, e))
+
     async def next_batch(self, rank: int, epoch: int, batch: int) -> Served | EpochEnd:
         state = self.ranks[rank]
         state.asked()
+        await self.orders_ready(rank, epoch + 1 if batch >= self.batches_per_epoch else epoch)
         self._release_all(state)
         if batch >= self.batches_per_epoch:
             state.epoch, state.position = epoch + 1, 0

@@ -60,7 +60,8 @@ class Jobs:
             index = await self.indexes.get(spec)
             job = Job(job_spec, index, self.stores.for_dataset(spec), self.pool,
                       max_fills=max(4, int(config.get("s3.max_concurrency")) // max(1, len(spec.channels))),
-                      local_world_size=local_world_size, **_shm_settings(config))
+                      local_world_size=local_world_size, field_budget_s=float(config.get("job.field_budget_s")),
+                      **_shm_settings(config))
             await job.start()
             self.running[job_spec.job] = job
             future.set_result(job)
