@@ -20,6 +20,7 @@ from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job
 from prefetchd.options import JobSpec
 from prefetchd.options import AttachOptions, resolve_options
+from prefetchd.reachability import check_endpoint_answers
 from prefetchd.shm.arena import SlotState
 from prefetchd.stores import Stores
 
@@ -57,6 +58,7 @@ class Jobs:
         self._starts[job_spec.job] = future
         job = None
         try:
+            await check_endpoint_answers(spec, self.indexes.s3cfg)
             index = await self.indexes.get(spec)
             job = Job(job_spec, index, self.stores.for_dataset(spec), self.pool,
                       max_fills=max(4, int(config.get("s3.max_concurrency")) // max(1, len(spec.channels))),

@@ -27,12 +27,14 @@ COUNTERS = {
     "fetch_errors": ("prefetchd_fetch_errors", "GETs that failed after all retries", True),
     "stall_s": ("prefetchd_stall_seconds", "Seconds trainers waited in next()", True),
     "quarantined": ("prefetchd_quarantined_fields", "Fields quarantined (stayed bad after retries), closed jobs included", True),
+    "connections_refused": ("prefetchd_connections_refused", "Control connections refused by the connection caps", True),
 }
 GAUGES = {
     "uptime_s": ("prefetchd_uptime_seconds", "Seconds since the daemon started"),
     "hit_rate": ("prefetchd_hit_rate", "Cache hits / fields served"),
     "inflight_requests": ("prefetchd_inflight_requests", "GETs in flight"),
     "shm_bytes": ("prefetchd_shm_bytes", "Shared memory held by arenas"),
+    "connections": ("prefetchd_connections", "Control connections open (attached ranks and others)"),
 }
 # status key in MB/s (10^6 bytes) -> metric in bytes per second, Prometheus' base unit
 RATES = {

@@ -137,6 +137,15 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+        if float(self.config.get("debug.block_loop_on_sigusr2_s")) > 0:
+            loop.add_signal_handler(signal.SIGUSR2, self._block_loop)
+
+    def _block_loop(self) -> None:
+        """Tests only (debug.block_loop_on_sigusr2_s): hang the event loop the way a bug would, so the
+        watchdog's pings stop and the supervisor (systemd) restarts the daemon."""
+        seconds = float(self.config.get("debug.block_loop_on_sigusr2_s"))
+        log.warning("SIGUSR2: blocking the event loop for %g s (debug.block_loop_on_sigusr2_s)", seconds)
+        time.sleep(seconds)
 
     def _on_signal(self, sig: int) -> None:
         log.info("received %s, draining", signal.Signals(sig).name)
@@ -342,6 +351,8 @@ class Server:
             "shm_bytes": totals["shm_bytes"],
             "slots": totals["slots"],
             "stall_s": totals["stall_s"],
+            "connections": self.admission.count,
+            "connections_refused": self.admission.refused,
             "indexing": self.indexes.status(),
             "disk_cache": self.stores.disk_status(),
             "concurrency": self.stores.concurrency_status(),

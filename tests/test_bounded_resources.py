@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import tracemalloc
 
 import pytest
@@ -96,11 +98,18 @@ def test_control_connections_are_capped_per_peer_and_a_freed_one_is_reusable(dae
         assert "\n" not in reply["error"]
         held.pop().close()
 
+        statuses = []
+
         def one_more_admitted() -> bool:
             with connect(d) as s:
-                return ask(s, "ping")["ok"]
+                reply = ask(s, "status")
+            statuses.append(reply)
+            return reply["ok"]
 
         wait_until(one_more_admitted, 10, "a connection slot to free up")
+        status = statuses[-1]
+        assert status["connections"] == len(held) + 1, status
+        assert status["connections_refused"] == len(statuses), status  # the extra one, and retries while it closed
     finally:
         for s in held:
             s.close()
@@ -142,3 +151,50 @@ def test_an_idle_connection_is_closed_but_a_rank_waiting_for_a_slow_fill_is_not(
             assert batch.waited_s >= 3 and len(batch.ids) == 4, batch.waited_s
             assert stream.reconnects == 0 and stream._conn is target
     assert d.log.count("closed a control connection") == 1, d.log
+
+
+# ---- an endpoint that accepts and never answers -----------------------------------------------------------
+
+
+@pytest.fixture
+def black_hole():
+    """A TCP endpoint that accepts every connection and never sends a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except (socket.timeout, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(10)
+    for s in held:
+        s.close()
+    server.close()
+
+
+def test_an_endpoint_that_never_answers_fails_attach_in_bounded_time_with_a_log_line(daemon, synthetic, black_hole):
+    connect_s, read_s, retries = 1, 3, 5
+    d = daemon(f"s3.connect_timeout_s={connect_s}", f"s3.read_timeout_s={read_s}", f"s3.retries={retries}",
+               endpoint_url=black_hole)
+    started = time.monotonic()
+    with pytest.raises(PrefetchdError) as info:
+        attach(synthetic.dataset, batch_size=4, socket=d.socket, job="hole", cache_size=12, **RAW)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert info.value.code == "timeout" and "\n" not in message, message
+    assert f"did not answer a LIST of s3://{synthetic.bucket}/" in message and "check s3.endpoint_url" in message
+    # One unretried LIST: connect + read timeout, not (retries + 1) × read timeout for every request.
+    assert elapsed < (retries + 1) * read_s * 0.6, elapsed
+    wait_until(lambda: "attach refused (timeout) for rank 0 of job hole" in d.log, 10, "the refusal's log line")
+    assert "did not answer a LIST" in d.log
