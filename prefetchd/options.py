@@ -8,10 +8,11 @@ from typing import Any
 
 from prefetchd.channels import parse_channels
 from prefetchd.errors import ConfigError
+from prefetchd.field_shape import ShapeOption, parse_shape
 from prefetchd.policy import Policy
 from prefetchd.preprocess import Preprocessing
 
-ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")
+ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last", "shape")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class AttachOptions:
     prefetch_factor: int
     policy: Policy
     drop_last: bool
+    shape: ShapeOption | None = None      # make every field one size (field_shape.py); None: they must be
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class JobSpec:
     policy: Policy
     preprocessing: Preprocessing
     channels: tuple[str, ...]
+    shape: ShapeOption | None = None
 
     def differences(self, other: "JobSpec") -> list[str]:
         return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
@@ -58,7 +61,8 @@ def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> Atta
         illum=merged["illum"], rescale=merged.get("rescale", False), clahe=merged.get("clahe")
     )
     channels = parse_channels(requested["channels"]) if requested.get("channels") else None
-    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"])
+    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"],
+                         parse_shape(merged.get("shape")))
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
