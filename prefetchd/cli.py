@@ -27,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                         help="refresh every SECONDS (default 1) until interrupted")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="give up when the daemon does not answer within SECONDS (default 10)")
 
     stop = sub.add_parser("stop", help="ask the daemon to drain and exit")
     stop.add_argument("--socket")
     stop.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the socket to go away")
+    stop.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                      help="give up when the daemon does not answer within SECONDS (default 10)")
 
     index = sub.add_parser("index", help="build or refresh the cached index of a dataset")
     index.add_argument("dataset")
@@ -117,15 +121,15 @@ def cmd_status(args) -> int:
     from prefetchd.status_view import render_status
 
     if args.json and not args.watch:
-        print(json.dumps(request("status", args.socket), indent=2))
+        print(json.dumps(request("status", args.socket, timeout=args.timeout), indent=2))
         return 0
     console = Console()
     if not args.watch:
-        console.print(render_status(request("status", args.socket)))
+        console.print(render_status(request("status", args.socket, timeout=args.timeout)))
         return 0
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            status = request("status", args.socket)
+            status = request("status", args.socket, timeout=args.timeout)
             if args.json:
                 print(json.dumps(status), flush=True)
             else:
@@ -137,7 +141,7 @@ def cmd_stop(args) -> int:
     from prefetchd.config import resolve_socket
     from prefetchd.control import request
 
-    request("stop", args.socket)
+    request("stop", args.socket, timeout=args.timeout)
     path = resolve_socket(args.socket)
     deadline = time.monotonic() + args.wait
     while path.exists() and time.monotonic() < deadline:

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from prefetchd.control import ControlConnection
-from prefetchd.errors import DaemonNotRunning, DaemonStopping, IndexBuilding
+from prefetchd.errors import AttachConflict, DaemonNotRunning, DaemonStopping, ErrorCode, IndexBuilding
+from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -31,6 +32,7 @@ from prefetchd.shm.batch_view import BatchView
 log = logging.getLogger(__name__)
 
 RECONNECT_TIMEOUT_S = float(os.environ.get("PREFETCHD_RECONNECT_TIMEOUT_S", "300"))
+RANK_RELEASE_WAIT_S = 30.0     # how long attach waits for a rank still held by a connection that went away
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Stream:
             yield self.next(epoch, index)
 
     def next(self, epoch: int, index: int) -> Batch:
+        self._ensure_connected()
         try:
             reply = self._conn.request("next", epoch=epoch, batch=index)
         except (DaemonNotRunning, DaemonStopping):   # the daemon went away
@@ -94,18 +97,29 @@ class Stream:
         pixel_size = np.array([np.nan if v is None else v for v in pixel], np.float32) if pixel else None
         return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0), pixel_size)
 
+    def _ensure_connected(self) -> None:
+        """A request that timed out broke its connection (a late reply would answer the wrong request):
+        the next call attaches again on a new one and resumes where the rank was."""
+        if self._conn.broken and self._attach_request is not None:
+            self._reattach()
+
     def _reattach(self) -> None:
-        """The daemon went away (restart, crash): wait for it, attach again, keep our place.
+        """The daemon went away (restart, crash) or timed out: wait for it, attach again, keep our place.
 
         Batches are requested by (epoch, index), so the retried request returns exactly the batch that was
-        interrupted: nothing is lost or duplicated.
+        interrupted: nothing is lost or duplicated. While the daemon stays unresponsive each attempt ends
+        with `DaemonTimeout` after the stream's `timeout`, as any call would.
         """
-        socket_path = self._conn.path
+        socket_path, timed_out = self._conn.path, self._conn.timed_out
         self._conn.close()
+        self._conn.broken = self._conn.broken or f"the connection to {socket_path} was lost"
         self._view.close()
         deadline = time.monotonic() + self.reconnect_timeout_s
-        log.warning("prefetchd daemon at %s went away; waiting up to %.0f s for it to come back",
-                    socket_path, self.reconnect_timeout_s)
+        if timed_out:
+            log.warning("reconnecting to the prefetchd daemon at %s after a timeout", socket_path)
+        else:
+            log.warning("prefetchd daemon at %s went away; waiting up to %.0f s for it to come back",
+                        socket_path, self.reconnect_timeout_s)
         while True:
             try:
                 conn = ControlConnection(socket_path, timeout=self._timeout)
@@ -115,7 +129,9 @@ class Stream:
                     conn.close()
                     raise
                 break
-            except (DaemonNotRunning, DaemonStopping, IndexBuilding):
+            except (DaemonNotRunning, DaemonStopping, IndexBuilding, AttachConflict) as exc:
+                if isinstance(exc, AttachConflict) and exc.code != ErrorCode.RANK_TAKEN:
+                    raise  # rank_taken only: the daemon has not yet seen our previous connection close
                 if time.monotonic() > deadline:
                     raise DaemonNotRunning(
                         f"the prefetchd daemon at {socket_path} did not come back within "
@@ -130,6 +146,7 @@ class Stream:
         log.warning("reattached to prefetchd job %s", self.job)
 
     def status(self) -> dict[str, Any]:
+        self._ensure_connected()
         return self._conn.request("status")
 
     def get_state(self) -> dict[str, Any]:
@@ -141,7 +158,8 @@ class Stream:
             return
         self.closed = True
         try:
-            self._conn.request("detach")
+            if not self._conn.broken:
+                self._conn.request("detach")
         except Exception:
             pass  # the daemon may already be gone; it reclaims leases on disconnect anyway
         self._view.close()
@@ -179,18 +197,35 @@ def attach(
 
         dataset = join_datasets(list(dataset))
     options = {k: v for k, v in options.items() if v is not None}
+    dataset = absolute_local_root(dataset)
     if job is None:
         job = default_job_id(dataset, batch_size, seed, world_size, options)
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    local_world_size=local_world_size, job=job, options=options)
-    conn = ControlConnection(socket, timeout=timeout)
-    try:
-        reply = conn.request("attach", **request)
-    except BaseException:
-        conn.close()
-        raise
+    released_by, waiting = time.monotonic() + RANK_RELEASE_WAIT_S, False
+    while True:
+        conn = ControlConnection(socket, timeout=timeout)
+        try:
+            reply = conn.request("attach", **request)
+            break
+        except BaseException as exc:
+            conn.close()
+            code = getattr(exc, "code", None)
+            if code == ErrorCode.RANK_TAKEN and time.monotonic() < released_by:
+                # A restarted process (torchrun restarts a failed worker at once) can be faster than the
+                # daemon in noticing that its predecessor's connection is gone: wait for the rank, bounded.
+                if not waiting:
+                    log.warning("rank %d of job %s is still held by a previous connection; waiting up to %.0f s",
+                                rank, job, RANK_RELEASE_WAIT_S)
+                    waiting = True
+                time.sleep(0.2)  # polling for the rank to be released, bounded by released_by
+                continue
+            hint = unseen_local_root_hint(dataset) if code == ErrorCode.NO_ROOT else None
+            if hint:
+                raise type(exc)(hint, code=exc.code) from None
+            raise
     return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 from prefetchd.channels import DEFAULT_CHANNELS, parse_channels
@@ -25,6 +26,8 @@ DEFAULT_DATASET = (
     "JUMPS3MultiView:bucket=cellpainting-gallery:prefix=cpg0000-jump-pilot/source_4/images"
 )
 
+_S3_URL = re.compile(r"s3://(?P<bucket>[^/:]+)(?P<prefix>/[^:]*)?")
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")   # what botocore accepts as a bucket name (besides ARNs)
 _SELECTION_KEYS = ("source", "batch", "plate", "well", "plate_type")
 _COMMON = {"max_samples": False, "channels": False, "index": False, "plate_table": False,
            **{key: False for key in _SELECTION_KEYS}}
@@ -174,7 +177,14 @@ def parse_dataset(text: "str | list[str] | tuple[str, ...]") -> DatasetSpec:
         text = join_datasets(list(text))
     if not isinstance(text, str) or not text.strip():
         raise DatasetError(f"empty dataset string; expected for example {DEFAULT_DATASET!r}")
-    name, pairs = _split(text)
+    control = next((c for c in text if not c.isprintable()), None)
+    if control is not None:
+        raise DatasetError(f"dataset string {text!r} contains the control character {control!r}: remove it")
+    url = _S3_URL.fullmatch(text.strip())
+    if url:
+        raise DatasetError(f"dataset strings are not URLs: for {text.strip()} write "
+                           f"'JUMPS3MultiView:bucket={url['bucket']}:prefix={(url['prefix'] or '').strip('/')}'")
+    name, pairs = _split(text)  # no placeholder clash: control characters were refused above
     if name not in _KEYS:
         raise DatasetError(
             f"unknown dataset name {name!r}; accepted names: {', '.join(_KEYS)} "
@@ -217,6 +227,9 @@ def parse_dataset(text: "str | list[str] | tuple[str, ...]") -> DatasetSpec:
         )
     if not bucket or "/" in bucket:
         raise DatasetError(f"bucket must be a bare bucket name like 'cellpainting-gallery', got {bucket!r}")
+    if not _BUCKET.fullmatch(bucket):
+        raise DatasetError(f"bucket names use only ASCII letters, digits, '.', '-' and '_' (S3 naming rules), "
+                           f"got {bucket!r}: fix bucket= in the dataset string")
     prefixes = _prefixes(values.get("prefix", ""))
     return DatasetSpec(name, S3Location(bucket, tuple(prefixes)), max_samples=max_samples,
                        channels=channels, index=values.get("index"), text=text, selection=selection,

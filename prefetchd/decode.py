@@ -16,9 +16,9 @@ from prefetchd.preprocess import Preprocessing, apply_channel
 
 
 def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
-    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits). Uncompressed little-endian planes
-    (what the Phenix writes) come back as a read-only view of `data` (bytes or any buffer, e.g. obstore's
-    `Bytes`): no copy, a quarter of the CPU."""
+    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits; other pixel types are refused).
+    Uncompressed little-endian planes (what the Phenix writes) come back as a read-only view of `data` (bytes
+    or any buffer, e.g. obstore's `Bytes`): no copy, a quarter of the CPU."""
     try:
         with tifffile.TiffFile(_file_over(data)) as tif:
             image = _raw_plane(tif, data)
@@ -30,10 +30,11 @@ def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
         image = image[0]
     if image.ndim != 2:
         raise CorruptObjectError(f"{name}: expected one 2-D plane, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        image = image.astype(np.uint16)
-    elif image.dtype != np.uint16:
-        raise CorruptObjectError(f"{name}: expected uint16 pixels, got {image.dtype}")
+    if image.dtype != np.uint16:
+        # An 8-bit (or float, or signed) plane is not what the microscope wrote: widening it would hand the
+        # trainer 0..255 beside 16-bit planes, indistinguishable after rescale and CLAHE. Refuse it.
+        raise CorruptObjectError(f"{name}: pixels are {image.dtype}, expected uint16 (the microscope's 16-bit "
+                                 "planes); it was converted or exported: copy the original TIFF")
     return image
 
 

@@ -35,6 +35,7 @@ class ErrorCode(enum.StrEnum):
     DNS = "dns"
     CONNECTION_REFUSED = "connection_refused"
     TIMEOUT = "timeout"
+    DAEMON_TIMEOUT = "daemon_timeout"          # the daemon did not answer within the client's timeout
     TLS = "tls"
     NO_ROOT = "no_root"
 
@@ -121,6 +122,12 @@ class AttachConflict(PrefetchdError):
 
     code = ErrorCode.JOB_MISMATCH
     codes = (ErrorCode.RANK_TAKEN,)
+
+
+class DaemonTimeout(PrefetchdError):
+    """The daemon did not answer within the client's timeout (paused, hung or overloaded)."""
+
+    code = ErrorCode.DAEMON_TIMEOUT
 
 
 class CorruptObjectError(PrefetchdError):
