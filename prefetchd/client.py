@@ -4,6 +4,7 @@
     for batch in stream.epoch(epoch):
         batch.ids      # field ids, "<plate folder>/<well>/<site>"
         batch.images   # numpy uint16 [B, C, H, W], read-only, valid until the next batch
+        batch.pixel_size_um  # float32 [B]: µm per pixel of each field's microscope (NaN: unknown)
     stream.close()
 
 No network I/O happens here: the daemon has fetched and decoded everything already.
@@ -41,6 +42,7 @@ class Batch:
     images: np.ndarray
     slots: list[int]
     waited_s: float
+    pixel_size_um: np.ndarray | None = None   # float32 [B], NaN where the source's microscope is unknown
 
 
 class Stream:
@@ -61,6 +63,8 @@ class Stream:
         self.batches_per_epoch: int = reply["batches_per_epoch"]
         # What the daemon applied; `clahe.where == "trainer"` means CLAHE is left to the consumer's device.
         self.preprocessing: dict[str, Any] = reply.get("preprocessing", {})
+        # The slots' (H, W), how fields of other sizes were made that size, what each source's fields are.
+        self.field_shape: dict[str, Any] | None = reply.get("field_shape")
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -88,7 +92,9 @@ class Stream:
         if reply.get("end"):
             raise IndexError(f"epoch {epoch} has {reply['batches']} batches for this rank; asked for {index}")
         images = self._view.images(reply["slots"])
-        return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0))
+        pixel = reply.get("pixel_size_um")
+        pixel_size = np.array([np.nan if v is None else v for v in pixel], np.float32) if pixel else None
+        return Batch(epoch, index, reply["ids"], images, reply["slots"], reply.get("waited_s", 0.0), pixel_size)
 
     def _ensure_connected(self) -> None:
         """A request that timed out broke its connection (a late reply would answer the wrong request):
@@ -132,6 +138,7 @@ class Stream:
                         "from the last checkpoint") from None
                 time.sleep(0.2)  # polling for the socket to reappear, bounded by the deadline
         self._conn = conn
+        self.field_shape = reply.get("field_shape")
         self.layout = ArenaLayout.from_dict(reply["layout"])
         self._view = BatchView(self.layout, self.batch_size)
         self.reconnects += 1
@@ -182,7 +189,7 @@ def attach(
     **options: Any,
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
-    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values.
+    prefetch_factor, policy, drop_last, shape (see README). All ranks of a job must pass the same values.
     `dataset` may be a list of dataset strings of one bucket (a config list): their prefixes are joined."""
     if isinstance(dataset, (list, tuple)):
         from prefetchd.dataset import join_datasets

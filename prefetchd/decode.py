@@ -11,6 +11,7 @@ import numpy as np
 import tifffile
 
 from prefetchd.errors import CorruptObjectError
+from prefetchd.field_shape import ShapeOption, fit_plane, misfit
 from prefetchd.preprocess import Preprocessing, apply_channel
 
 
@@ -91,9 +92,22 @@ def decode_npy(data: bytes, *, name: str = "illum") -> np.ndarray:
     return array
 
 
-def probe_shape(channel_bytes: list[bytes], names: list[str]) -> tuple[int, int, int]:
-    first = decode_tiff(channel_bytes[0], name=names[0])
-    return (len(channel_bytes), *first.shape)
+def tiff_shape(data: bytes, *, name: str = "object") -> tuple[int, int]:
+    """(height, width) of a TIFF's plane from its header, without decoding the pixels."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            shape = tuple(tif.pages.first.shape)
+    except Exception as exc:
+        raise CorruptObjectError(f"{name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise CorruptObjectError(f"{name}: expected one 2-D plane, got shape {shape}")
+    return shape
+
+
+def field_plane_shapes(channel_bytes: list[bytes], names: list[str]) -> list[tuple[int, int]]:
+    return [tiff_shape(data, name=name) for data, name in zip(channel_bytes, names)]
 
 
 def assemble_field(
@@ -102,13 +116,21 @@ def assemble_field(
     opts: Preprocessing,
     out: np.ndarray,
     names: list[str],
+    fit: ShapeOption | None = None,
 ) -> None:
-    """Decode every channel and write the preprocessed stack into `out` (uint16 [C, H, W])."""
+    """Decode every channel and write the preprocessed stack into `out` (uint16 [C, H, W]). A channel of
+    another size is preprocessed at its own size, then centre-cropped / reflect-padded as `fit` says."""
     for c, data in enumerate(channel_bytes):
         image = decode_tiff(data, name=names[c])
-        if image.shape != out.shape[1:]:
-            raise CorruptObjectError(f"{names[c]}: image is {image.shape}, the dataset's fields are {out.shape[1:]}")
+        why = misfit(image.shape, out.shape[1:], fit)
+        if why:
+            raise CorruptObjectError(f"{names[c]}: {why}")
         illum = illums[c]
         if illum is not None and illum.shape != image.shape:
             raise CorruptObjectError(f"illumination function for {names[c]} is {illum.shape}, image is {image.shape}")
-        apply_channel(image, illum, opts, out[c])
+        if image.shape == out.shape[1:]:
+            apply_channel(image, illum, opts, out[c])
+            continue
+        native = np.empty(image.shape, np.uint16)
+        apply_channel(image, illum, opts, native)
+        fit_plane(native, out[c], fit, names[c])

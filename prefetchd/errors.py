@@ -15,6 +15,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"                      # a bug: the daemon logged the traceback
     BAD_REQUEST = "bad_request"                # the control protocol was not followed
     BAD_DATASET = "bad_dataset"
+    MIXED_SHAPES = "mixed_shapes"              # the selected fields are not one size and no shape= says how
     BAD_CONFIG = "bad_config"
     EMPTY_DATASET = "empty_dataset"
     SHM = "shm"
@@ -62,6 +63,7 @@ class InternalError(PrefetchdError):
 
 class DatasetError(PrefetchdError):
     code = ErrorCode.BAD_DATASET
+    codes = (ErrorCode.MIXED_SHAPES,)
 
 
 class ConfigError(PrefetchdError):

@@ -124,6 +124,8 @@ class FieldTable(Sequence[Field]):
         self._illum_of = [p.illum if p.illum in illum else None for p in plates]
         optics = {}
         self._optics = [optics.setdefault((p.source, p.layout), optics_of(p.source, p.layout)) for p in plates]
+        self._pixel_um = np.array([o.pixel_size_um if o.pixel_size_um is not None else np.nan for o in self._optics],
+                                  np.float64)
         self.ids = FieldIds(self)
 
     def __len__(self) -> int:
@@ -158,6 +160,19 @@ class FieldTable(Sequence[Field]):
                      site=int(self.site[i]), keys=keys, sizes=sizes, illum_plate=self._illum_of[plate_index],
                      etags=etags, source=plate.source, layout=plate.layout, barcode=plate.barcode,
                      pixel_size_um=optics.pixel_size_um, shape=optics.shape)
+
+    def source_groups(self) -> tuple[list[str], np.ndarray]:
+        """(names, per field the code of its name): the source ("source_4"), or the layout where the keys
+        name no source; what pixel size and nominal shape are known per."""
+        per_plate = [p.source or p.layout for p in self.plates]
+        names = sorted(set(per_plate))
+        code_of = {name: i for i, name in enumerate(names)}
+        plate_codes = np.array([code_of[n] for n in per_plate], np.int32)
+        return names, plate_codes[self.plate] if len(plate_codes) else np.zeros(0, np.int32)
+
+    def pixel_size_um(self, positions: Sequence[int]) -> np.ndarray:
+        """µm per pixel of the fields at `positions` (NaN where the source's microscope is unknown)."""
+        return self._pixel_um[self.plate[np.asarray(positions, np.int64)]]
 
     def distinct(self, name: str) -> list[str]:
         """Sorted distinct values of a plate attribute present in the selection ("plate", "batch", …)."""

@@ -7,12 +7,16 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from prefetchd.cache import SlotCache
-from prefetchd.decode import assemble_field, probe_shape
+from prefetchd.decode import assemble_field, field_plane_shapes
 from prefetchd.errors import CorruptObjectError, ErrorCode, PrefetchdError, class_for
 from prefetchd.fetch import ObjectStore
+from prefetchd.field_shape import GroupSample, ShapeDecision, ShapeOption, decide_shape, misfit
 from prefetchd.illum import IllumCache
 from prefetchd.index import Field, Index
 from prefetchd.pace import Pace
@@ -48,28 +52,92 @@ def quarantine_field(quarantine: Quarantine, index: Index, f: int, reason: str) 
     log.error("quarantined field %s: %s", index.fields[f].id, reason)
 
 
-async def probe(index: Index, store: ObjectStore, quarantine: Quarantine,
-                budget_s: float = FIELD_BUDGET_S) -> tuple[int, list[bytes], tuple]:
-    """The first readable field, its channels' bytes and the field shape; if none of the first few is
-    readable, the dataset is the problem."""
-    last: CorruptObjectError | None = None
-    for candidate in range(min(len(index.fields), FILL_ATTEMPTS * 3)):
-        f = index.fields[candidate]
+SAMPLES_PER_SOURCE = 3   # fields whose sizes decide a source's size (their majority)
+SPARE_SAMPLES = 6        # further fields of a source tried when sampled ones cannot be read
+
+
+@dataclass
+class Probe:
+    """What sampling the dataset found: the job's field shape, and the sampled fields of that shape with their
+    channels already fetched (the first fills: nothing sampled is fetched twice)."""
+
+    decision: ShapeDecision
+    groups: list[GroupSample]
+    fetched: list[tuple[int, list[bytes]]]     # (field, its channels' bytes), by field position
+
+
+async def probe(index: Index, store: ObjectStore, quarantine: Quarantine, pool: Executor | None = None,
+                option: ShapeOption | None = None, budget_s: float = FIELD_BUDGET_S) -> Probe:
+    """Sample a few fields of every source (spread over its fields), read their sizes from the TIFF headers
+    and decide the job's field shape from the majorities (`field_shape.decide_shape`). Unreadable samples
+    are quarantined and the next field of the source tried; if none can be read, the dataset is the problem."""
+    names, codes = index.source_groups()
+    groups = [GroupSample(name, index.nominal_shape(name)) for name in names]
+    readable: list[tuple[int, list[bytes], list[tuple[int, int]]]] = []
+    errors: list[CorruptObjectError] = []
+    loop = asyncio.get_running_loop()
+
+    async def sample(f: int) -> tuple[list[bytes], list[tuple[int, int]]]:
         try:
-            try:
-                async with asyncio.timeout(budget_s if budget_s > 0 else None) as budget:
-                    blobs = await fetch_channels(store, f)
-            except TimeoutError:
-                if not budget.expired():
-                    raise
-                raise CorruptObjectError(f"{f.id}: {over_budget(f, budget_s)}", code=ErrorCode.TIMEOUT) from None
-            return candidate, blobs, probe_shape(blobs, list(f.keys))
-        except CorruptObjectError as exc:
-            last = exc
-            quarantine_field(quarantine, index, candidate, str(exc))
-    code = last.code if last else ErrorCode.STORAGE
-    raise class_for(code)(f"could not read any of the dataset's first fields: {last.message if last else 'empty'}"
-                          " (run `prefetchd check DATASET`)", code=code)
+            async with asyncio.timeout(budget_s if budget_s > 0 else None) as budget:
+                blobs = await fetch_channels(store, index.fields[f])
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            raise CorruptObjectError(f"{index.fields[f].id}: {over_budget(index.fields[f], budget_s)}",
+                                     code=ErrorCode.TIMEOUT) from None
+        keys = list(index.fields[f].keys)
+        shapes = await loop.run_in_executor(pool, field_plane_shapes, blobs, keys)
+        return blobs, shapes
+
+    async def sample_group(g: int) -> None:
+        primary, spare = _candidates(np.flatnonzero(codes == g), SAMPLES_PER_SOURCE, SPARE_SAMPLES)
+        pending = list(primary)
+        spare = list(spare)
+        while pending:
+            results = await asyncio.gather(*(sample(f) for f in pending), return_exceptions=True)
+            retry = []
+            for f, result in zip(pending, results):
+                if isinstance(result, CorruptObjectError):
+                    errors.append(result)
+                    quarantine_field(quarantine, index, f, str(result))
+                    if spare:
+                        retry.append(spare.pop(0))
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    blobs, shapes = result
+                    groups[g].add(shapes)
+                    readable.append((f, blobs, shapes))
+            pending = retry
+
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for g in range(len(groups)):
+                tasks.create_task(sample_group(g))
+    except BaseExceptionGroup as group:   # a storage error of one source is the answer for all
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise error from None
+    if not readable:
+        last = errors[-1] if errors else None
+        code = last.code if last else ErrorCode.STORAGE
+        raise class_for(code)(f"could not read any of the dataset's sampled fields: "
+                              f"{last.message if last else 'empty'} (run `prefetchd check DATASET`)", code=code)
+    decision = decide_shape(groups, option)
+    fitting = [(f, blobs) for f, blobs, shapes in sorted(readable, key=lambda r: r[0])
+               if not any(misfit(s, decision.size, decision.option) for s in shapes)]
+    return Probe(decision, groups, fitting)
+
+
+def _candidates(positions: np.ndarray, samples: int, spare: int) -> tuple[list[int], list[int]]:
+    """`samples` positions spread evenly over a source's fields, then up to `spare` others (from the start)."""
+    n = len(positions)
+    picks = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64)) if n else []
+    chosen = {int(i) for i in picks}
+    rest = [int(positions[i]) for i in range(min(n, spare + len(chosen))) if i not in chosen][:spare]
+    return [int(positions[i]) for i in picks], rest
 
 
 class Filler:
@@ -83,8 +151,9 @@ class Filler:
 
     def __init__(self, index: Index, store: ObjectStore, pool: Executor, preprocessing: Preprocessing,
                  arena: Arena, cache: SlotCache, quarantine: Quarantine, pace: Pace, on_done: Callable[[], None],
-                 budget_s: float = FIELD_BUDGET_S):
+                 fit: ShapeOption | None = None, budget_s: float = FIELD_BUDGET_S):
         self.index = index
+        self.fit = fit              # how a field of another size is made the slot's size (None: quarantined)
         self.store = store
         self.pool = pool
         self.preprocessing = preprocessing
@@ -130,7 +199,7 @@ class Filler:
                         error = over_budget(field_, self.budget_s)
                         break
                     await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
-                                               self.arena.slot(slot), list(field_.keys))
+                                               self.arena.slot(slot), list(field_.keys), self.fit)
                     self.cache.finish_fill(slot)
                     self.pace.fill_took(time.monotonic() - started)
                     self.fields_fetched += 1

@@ -83,6 +83,27 @@ class Index:
             return self.fields.ids
         return [f.id for f in self.fields]
 
+    def source_groups(self) -> tuple[list[str], np.ndarray]:
+        """(names, per field the code of its name): its source, or its layout where the keys name none."""
+        if isinstance(self.fields, FieldTable):
+            return self.fields.source_groups()
+        per_field = [f.source or f.layout for f in self.fields]
+        names = sorted(set(per_field))
+        code_of = {name: i for i, name in enumerate(names)}
+        return names, np.array([code_of[n] for n in per_field], np.int32)
+
+    def nominal_shape(self, group: str) -> tuple[int, int] | None:
+        """The nominal (height, width) of a source's fields (`optics`), None when unknown."""
+        shape = self.optics.get(group, {}).get("shape")
+        return tuple(shape) if shape else None
+
+    def pixel_size_um(self, positions: Sequence[int]) -> list[float | None]:
+        """µm per pixel of the fields at `positions` (None where the microscope is unknown)."""
+        if isinstance(self.fields, FieldTable):
+            sizes = self.fields.pixel_size_um(positions)
+            return [None if np.isnan(v) else round(float(v), 6) for v in sizes]
+        return [self.fields[int(p)].pixel_size_um for p in positions]
+
 
 # ---- catalog → index -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from prefetchd.cache import SlotCache
 from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
+from prefetchd.field_shape import ShapeDecision
 from prefetchd.filler import FIELD_BUDGET_S, Filler, probe
 from prefetchd.index import Index
 from prefetchd.pace import Pace
@@ -72,6 +73,7 @@ class Served:
     ids: list[str]
     generations: list[int]
     waited_s: float
+    pixel_size_um: list[float | None] = field(default_factory=list)   # per field, of its source's microscope
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Job:
         self.timeline = Timeline(len(index.fields), spec.seed, spec.world_size, spec.batch_size, spec.drop_last,
                                  self.quarantine)
         self.arena: Arena | None = None
+        self.field_shape: ShapeDecision | None = None
         self.cache: SlotCache | None = None
         self.filler: Filler | None = None
         self.planner: Planner | None = None
@@ -121,7 +124,7 @@ class Job:
         return self.timeline.batches_per_epoch
 
     async def start(self) -> None:
-        """Probe the field shape with the first field, create the arena, start prefetching."""
+        """Decide the field shape from sampled fields of every source, create the arena, start prefetching."""
         s = self.spec
         needed = (s.prefetch_factor + 1) * s.batch_size * self.local_world_size
         if s.cache_size < needed:
@@ -130,16 +133,23 @@ class Job:
                 f"= ({s.prefetch_factor} + 1) × {s.batch_size} × {self.local_world_size} = {needed}: "
                 f"raise cache_size to at least {needed} or lower prefetch_factor/batch_size"
             )
-        first, blobs, shape = await probe(self.index, self.store, self.quarantine, self.field_budget_s)
+        sampled = await probe(self.index, self.store, self.quarantine, self.pool, s.shape,
+                              self.field_budget_s)
+        self.field_shape = sampled.decision
+        log.info("job %s fields are %s: %s", s.job, "×".join(map(str, sampled.decision.size)),
+                 "; ".join(sampled.decision.groups))
+        shape = (len(self.index.channels), *sampled.decision.size)
         mode, gid, budget = self._shm
         self.arena = Arena.create(arena_name(s.job), s.cache_size, shape, mode=mode, gid=gid, budget_bytes=budget)
         self.cache = SlotCache(self.arena)
         self.filler = Filler(self.index, self.store, self.pool, s.preprocessing, self.arena, self.cache,
-                             self.quarantine, self.pace, on_done=self._slots_changed, budget_s=self.field_budget_s)
+                             self.quarantine, self.pace, on_done=self._slots_changed, fit=sampled.decision.option,
+                             budget_s=self.field_budget_s)
         self.planner = make_planner(s.policy, batch_size=s.batch_size, cache_size=s.cache_size,
                                     prefetch_factor=s.prefetch_factor, max_fills=self.max_fills, ranks=self.ranks,
                                     timeline=self.timeline, cache=self.cache, filler=self.filler, pace=self.pace)
-        self.filler.start(first, self.cache.take_free(), blobs)
+        for f, blobs in sampled.fetched[:max(1, s.cache_size // 2)]:   # leave most slots to the planner
+            self.filler.start(f, self.cache.take_free(), blobs)
         self._prefetcher = asyncio.create_task(self._prefetch_loop(), name=f"prefetch-{s.job}")
 
     async def close(self) -> None:
@@ -237,7 +247,8 @@ class Job:
         self._wake.set()
         ids = self.index.ids  # a list built per access when the index holds Field objects
         return Served(epoch, batch, slots, [ids[f] for f in mapped],
-                      [int(self.arena.table["generation"][s]) for s in slots], waited)
+                      [int(self.arena.table["generation"][s]) for s in slots], waited,
+                      self.index.pixel_size_um(mapped))
 
     async def _wait_ready(self, fields: list[int]) -> list[int]:
         """Start or join the fills of a batch's fields and return (substitutes applied) once all are in slots."""
@@ -262,6 +273,14 @@ class Job:
 
     # ---- reporting -------------------------------------------------------------------------
 
+    def field_shape_info(self) -> dict | None:
+        """The slots' (H, W), how other sizes are made that size, and per source what sampling found."""
+        d = self.field_shape
+        if d is None:
+            return None
+        return {"size": list(d.size), "option": d.option.to_dict() if d.option else None, "sources": list(d.groups),
+                "pixel_size_um": {name: o.get("pixel_size_um") for name, o in self.index.optics.items()}}
+
     def status(self) -> dict:
         s, st = self.spec, self.stats
         served = st.fields_served
@@ -277,6 +296,7 @@ class Job:
             "prefetch_factor": s.prefetch_factor,
             "preprocessing": s.preprocessing.to_dict(),
             "shape": list(arena.layout.shape) if arena else None,
+            "field_shape": self.field_shape_info(),
             "shm_name": arena.layout.name if arena else None,
             "shm_bytes": arena.layout.total_bytes if arena else 0,
             "ranks": {r.rank: {"epoch": r.epoch, "position": r.position, "connected": r.connected,

@@ -124,7 +124,7 @@ def job_spec_for(dataset: str, batch_size: int, seed: int, world_size: int, job:
         job=job or _default_job_id(spec, seed, world_size, batch_size, opts),
         dataset=spec.text, seed=seed, world_size=world_size, batch_size=batch_size,
         drop_last=opts.drop_last, cache_size=opts.cache_size, prefetch_factor=opts.prefetch_factor,
-        policy=opts.policy, preprocessing=opts.preprocessing, channels=spec.channels,
+        policy=opts.policy, preprocessing=opts.preprocessing, channels=spec.channels, shape=opts.shape,
     )
     return job_spec, spec
 

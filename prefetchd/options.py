@@ -9,10 +9,11 @@ from typing import Any
 
 from prefetchd.channels import PHENIX_CHANNELS, parse_channels
 from prefetchd.errors import ConfigError
+from prefetchd.field_shape import ShapeOption, parse_shape
 from prefetchd.policy import Policy
 from prefetchd.preprocess import Preprocessing
 
-ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")
+ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last", "shape")
 
 # Upper bounds on the sizes an attach request sets, checked before anything is allocated from them: no
 # request may make the daemon allocate or loop in proportion to a number it sent.
@@ -31,6 +32,7 @@ class AttachOptions:
     prefetch_factor: int
     policy: Policy
     drop_last: bool
+    shape: ShapeOption | None = None      # make every field one size (field_shape.py); None: they must be
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class JobSpec:
     policy: Policy
     preprocessing: Preprocessing
     channels: tuple[str, ...]
+    shape: ShapeOption | None = None
 
     def differences(self, other: "JobSpec") -> list[str]:
         return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
@@ -67,7 +70,8 @@ def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> Atta
         illum=merged["illum"], rescale=merged.get("rescale", False), clahe=merged.get("clahe")
     )
     channels = _channels(requested.get("channels"))
-    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"])
+    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"],
+                         parse_shape(merged.get("shape")))
 
 
 def check_attach_sizes(batch_size: Any, rank: Any, world_size: Any, local_world_size: Any) -> None:

@@ -298,7 +298,7 @@ class Server:
         return attach_reply(job=job_spec.job, layout=the_job.arena.layout.to_dict(), fields=the_job.n_fields,
                             channels=list(spec.channels), batches_per_epoch=the_job.batches_per_epoch,
                             preprocessing=the_job.spec.preprocessing.to_dict(), epoch=state.epoch,
-                            position=state.position)
+                            position=state.position, field_shape=the_job.field_shape_info())
 
     async def op_next(self, conn: Connection, epoch: int, batch: int) -> dict:
         job = self._attached(conn)

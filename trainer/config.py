@@ -34,7 +34,7 @@ DERIVED = {
                 "optim.scaling_rule; set optim.base_lr instead",
 }
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
-FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe")
+FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe", "s3.shape")
 
 
 def load_defaults() -> dict[str, Any]:

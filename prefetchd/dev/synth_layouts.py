@@ -6,8 +6,8 @@
     <project>/<source>/images/<batch>/illum/<barcode>/<barcode>_Illum<Stain>.npy
     <project>/<source>/workspace/load_data_csv/<batch>/<barcode>/load_data_with_illum.parquet (or .csv)
 
-Every image is uint16 with its identity in the first pixels of row 0 (source number, plate code, row,
-column, site, stain; all above 255), so a consumer can check from the pixels alone that it got the right
+Every image is uint16 with its identity in the first pixels of row 0 and again at its centre (source number,
+plate code, row, column, site, stain; all above 255; the centre copy survives a centre crop or pad), so a consumer can check from the pixels alone that it got the right
 field and the right stain in each channel. Each source gets its own channel tokens (which C/A numbers or
 ch numbers hold which stain), given in the spec: only load_data says, as in the real release.
 """
@@ -125,11 +125,29 @@ def decode_signature(image: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) - SIGNATURE_OFFSET for v in np.asarray(image)[0, :SIGNATURE_LENGTH])
 
 
+def centre_slice(shape: tuple[int, int]) -> tuple[int, slice]:
+    """Where the second copy of the signature sits: the middle row, ending at the middle column. A centre
+    crop or reflect-pad by an even number of pixels keeps it at the middle of the new size."""
+    height, width = shape
+    return height // 2, slice(width // 2 - SIGNATURE_LENGTH, width // 2)
+
+
+def decode_centre_signature(image: np.ndarray) -> tuple[int, ...]:
+    """The signature from the middle of a delivered channel: survives a centre crop or pad."""
+    image = np.asarray(image)
+    row, columns = centre_slice(image.shape)
+    return tuple(int(v) - SIGNATURE_OFFSET for v in image[row, columns])
+
+
 def render(site: SynthSite, stain: str) -> np.ndarray:
     height, width = site.shape
     rng = np.random.default_rng(zlib.crc32(f"{site.id}/{stain}".encode()))
     image = (rng.integers(300, 4000, size=(height, width))).astype(np.uint16)
-    image[0, :SIGNATURE_LENGTH] = np.array(expected_signature(site, stain), np.uint16) + SIGNATURE_OFFSET
+    signature = np.array(expected_signature(site, stain), np.uint16) + SIGNATURE_OFFSET
+    image[0, :SIGNATURE_LENGTH] = signature
+    if height >= 2 and width >= 2 * SIGNATURE_LENGTH:   # tiny test images keep the row-0 copy only
+        row, columns = centre_slice((height, width))
+        image[row, columns] = signature
     return image
 
 

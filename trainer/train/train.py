@@ -255,7 +255,8 @@ class TrainLoop:
         self._check_channels(batch.images)
         images = normalize_per_channel(images_to_device_with_clahe(batch.images, self.device, self.device_clahe))
         generator = step_generator(self.train_cfg["seed"], self.rank, iteration)
-        crops = self.augment(images, generator, samples_per_field=self.train_cfg["samples_per_field"])
+        crops = self.augment(images, generator, samples_per_field=self.train_cfg["samples_per_field"],
+                             pixel_size_um=getattr(batch, "pixel_size_um", None))
         del images
         if self.mask_generator is not None:
             ibot = self.cfg["ibot"]
@@ -336,7 +337,10 @@ def skip_trained(batch, skip: int):
         return batch, 1.0
     if skip >= len(batch.ids):
         return batch, 0.0
-    return replace(batch, ids=batch.ids[skip:], images=batch.images[skip:]), 1.0
+    kept = replace(batch, ids=batch.ids[skip:], images=batch.images[skip:])
+    if getattr(batch, "pixel_size_um", None) is not None:
+        kept.pixel_size_um = batch.pixel_size_um[skip:]
+    return kept, 1.0
 
 
 def _every(freq: int, iteration: int) -> bool:
