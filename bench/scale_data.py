@@ -18,21 +18,12 @@ import tifffile
 
 from prefetchd.dev import synth
 
-BATCH_NAMES = ("2020_11_04_CPJUMP1", "2020_11_18_CPJUMP1_TimepointDay1", "2020_12_08_CPJUMP1_Bleaching")
+BATCH_NAMES = synth.BATCH_NAMES
 CPG0000_PREFIX = "cpg0000-jump-pilot/source_4/images"
 
 
 def many_plates_spec(plates: int, batches: int, wells: int, sites: int, size: int, seed: int = 0) -> synth.SynthSpec:
-    """`plates` plates spread round-robin over `batches` batch folders, each with its 5 illumination files."""
-    if not 1 <= batches <= len(BATCH_NAMES):
-        raise ValueError(f"batches must be 1..{len(BATCH_NAMES)}")
-    by_batch: dict[str, list[tuple[str, str]]] = {name: [] for name in BATCH_NAMES[:batches]}
-    for p in range(plates):
-        batch = BATCH_NAMES[p % batches]
-        day, minute = 5 + p % 20, p % 60
-        by_batch[batch].append((f"BR{p + 1:08d}", f"2020-11-{day:02d}T19_{minute:02d}_35"))
-    return synth.SynthSpec(batches={b: tuple(v) for b, v in by_batch.items()}, wells=synth.balanced_wells(wells),
-                           sites=sites, height=size, width=size, seed=seed)
+    return synth.many_plates_spec(plates, batches, wells, sites, size, seed=seed)
 
 
 def ensure_plates(data_root: Path, spec: synth.SynthSpec) -> synth.SynthManifest:

@@ -11,8 +11,6 @@ No network I/O happens here: the daemon has fetched and decoded everything alrea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -23,6 +21,7 @@ import numpy as np
 
 from prefetchd.control import ControlConnection
 from prefetchd.errors import DaemonNotRunning, DaemonStopping, IndexBuilding
+from prefetchd.job_id import ENV_JOB, job_id_for
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
 
@@ -165,10 +164,11 @@ def attach(
     **options: Any,
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
-    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values."""
+    prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values.
+    `job`: the job id (default `$PREFETCHD_JOB`, else from the launcher: `prefetchd/job_id.py`)."""
     options = {k: v for k, v in options.items() if v is not None}
     if job is None:
-        job = default_job_id(dataset, batch_size, seed, world_size, options)
+        job = os.environ.get(ENV_JOB) or job_id_for(dataset, batch_size, seed, world_size, options)
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
@@ -181,9 +181,3 @@ def attach(
         raise
     return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 
-
-def default_job_id(dataset: str, batch_size: int, seed: int, world_size: int, options: dict) -> str:
-    """Same arguments on every rank → the same job; torchrun's run id keeps separate runs apart."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    text = json.dumps([dataset, batch_size, seed, world_size, options, run], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
