@@ -215,6 +215,9 @@ def test_beyond_the_budget_least_recently_used_plates_go_with_a_warning(daemon, 
     assert illum["bytes"] <= 6 * plate_bytes and illum["evictions"] > 0
     assert len(gets(proxy, ".npy")) > 5 * len(many_plates.spec.plates)   # dropped plates were fetched again
     assert "raise illum.budget_bytes" in illum["warning"] and "raise illum.budget_bytes" in d.log
+    shown = subprocess.run([sys.executable, "-m", "prefetchd", "status", "--socket", str(d.socket)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert "raise illum.budget_bytes" in shown.stdout and "illumination held" in shown.stdout, shown.stdout
 
 
 def test_the_illumination_store_keeps_the_least_recently_used_plates(many_plates, proxy):
