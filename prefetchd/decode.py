@@ -16,9 +16,10 @@ from prefetchd.preprocess import Preprocessing, apply_channel
 
 def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
     """A 2-D uint16 image, exactly as stored (never squashed to 8 bits). Uncompressed little-endian planes
-    (what the Phenix writes) come back as a read-only view of `data`: no copy, a quarter of the CPU."""
+    (what the Phenix writes) come back as a read-only view of `data` (bytes or any buffer, e.g. obstore's
+    `Bytes`): no copy, a quarter of the CPU."""
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(_file_over(data)) as tif:
             image = _raw_plane(tif, data)
             if image is None:
                 image = tif.asarray()
@@ -33,6 +34,37 @@ def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
     elif image.dtype != np.uint16:
         raise CorruptObjectError(f"{name}: expected uint16 pixels, got {image.dtype}")
     return image
+
+
+def _file_over(data) -> io.IOBase:
+    """A seekable file over the body without a copy (BytesIO shares a `bytes` but copies other buffers)."""
+    return io.BytesIO(data) if isinstance(data, bytes) else io.BufferedReader(_BufferFile(data))
+
+
+class _BufferFile(io.RawIOBase):
+    def __init__(self, data):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def _raw_plane(tif: tifffile.TiffFile, data: bytes) -> np.ndarray | None:

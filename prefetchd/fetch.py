@@ -1,4 +1,4 @@
-"""Object stores: bounded, retried, length-checked reads from S3 (aiobotocore) or a local copy."""
+"""Object stores: bounded, retried, length- and MD5-checked reads from S3 (`get_transport.py`) or a local copy."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
     HTTPClientError,
     IncompleteReadError,
+    NoCredentialsError,
     ResponseStreamingError,
+    SSLError as BotoSSLError,
 )
 
 from prefetchd.counters import FetchCounters
 from prefetchd.errors import CorruptObjectError, ErrorCode, StorageError
-from prefetchd.http_get import Fetched, HttpGetter
+from prefetchd.http_get import Fetched
+from prefetchd.obstore_get import CertificateNotTrusted
 from prefetchd.storage_errors import classify_storage_error
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,15 @@ class BadChecksum(Exception):
     """The body's MD5 is not the object's ETag: bytes changed in flight."""
 
 
+# An object's bytes: `bytes`, or a read-only buffer with the buffer protocol (obstore's `Bytes`), which decode,
+# MD5 and the disk tier read in place.
+Body = Any
+
+
 class ObjectStore(Protocol):
     counters: FetchCounters
 
-    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes: ...
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> Body: ...
 
 
 def backoff_s(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
@@ -65,37 +73,43 @@ def backoff_s(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
 class S3Store:
     """GETs from one bucket, at most as many at once as the shared limiter allows.
 
-    With `http` (an aiohttp session; unsigned access) GETs go straight to the object URL (`http_get.py`) and
-    this class retries throttling, 5xx and broken connections itself; otherwise through the aiobotocore
-    client, whose retry mode does that on the request. Either way this class adds retries for bodies that
-    break, come back short or fail their MD5, which botocore cannot see.
+    The `getter` (`get_transport.py`: obstore by default, aiohttp or botocore) makes one attempt per call;
+    this class owns everything around it, the same for every transport: retries with full-jitter backoff
+    for throttling, 5xx, broken connections and bodies that break, come back short or fail their MD5;
+    reporting throttles to the GET limiter; counters; one-line errors. Without a getter, GETs go through
+    `client` itself (tools and tests; give it `retries=0`, or botocore's retries multiply with these).
     """
 
     def __init__(self, client: Any, bucket: str, semaphore: Any, counters: FetchCounters,
-                 retries: int = 5, verify_md5: bool = True, http: Any = None):
+                 retries: int = 5, verify_md5: bool = True, getter: Any = None):
         self.client = client
         self.bucket = bucket
         self.semaphore = semaphore
         self.counters = counters
         self.retries = retries
         self.verify_md5 = verify_md5
-        self.http = HttpGetter(http, client, bucket) if http is not None else None
+        self.getter = getter if getter is not None else BotocoreGetter(client, bucket)
 
-    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> bytes:
+    async def get(self, key: str, expected_size: int = -1, expected_etag: str | None = None) -> Body:
         for attempt in range(self.retries + 1):
             try:
                 return await self._get_once(key, expected_size, expected_etag)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                if self.http and code in THROTTLE_CODES:   # botocore's retries report theirs (server.py)
+                if code in THROTTLE_CODES:
                     _limiter_call(self.semaphore, "on_throttle")
                 if code in _PERMANENT_CODES or attempt == self.retries:
                     self.counters.errors += 1
                     raise self._object_error(key, exc) from exc
-            except aiohttp.ClientConnectorCertificateError as exc:   # no retry makes a certificate trusted
+            except (aiohttp.ClientConnectorCertificateError, CertificateNotTrusted, BotoSSLError) as exc:  # no retry helps
                 self.counters.errors += 1
-                raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); behind a "
-                                   "TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle", code=ErrorCode.TLS) from exc
+                raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); for a private "
+                                   "CA or a TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle",
+                                   code=ErrorCode.TLS) from exc
+            except NoCredentialsError as exc:
+                self.counters.errors += 1
+                raise CorruptObjectError(f"s3://{self.bucket}/{key}: {self._reason(exc).message}",
+                                         code=ErrorCode.ACCESS_DENIED) from exc
             except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
                 if attempt == self.retries:
                     self.counters.errors += 1
@@ -118,25 +132,36 @@ class S3Store:
         reason = self._reason(exc)
         return CorruptObjectError(f"s3://{self.bucket}/{key}: {reason.message}", code=reason.code)
 
-    async def _get_once(self, key: str, expected_size: int, expected_etag: str | None = None) -> bytes:
+    async def _get_once(self, key: str, expected_size: int, expected_etag: str | None = None) -> Body:
         async with self.semaphore:
             self.counters.inflight += 1
             self.counters.count_get()
             try:
-                fetched = await (self.http.get(key) if self.http else self._botocore_get(key))
+                fetched = await self.getter.get(key)
             finally:
                 self.counters.inflight -= 1
         data, announced = fetched.data, fetched.content_length
-        if (announced >= 0 and len(data) != announced) or (expected_size >= 0 and len(data) != expected_size):
-            raise TruncatedBody(f"got {len(data)} bytes, expected {expected_size if expected_size >= 0 else announced}")
+        size = len(data)
+        if (announced >= 0 and size != announced) or (expected_size >= 0 and size != expected_size):
+            raise TruncatedBody(f"got {size} bytes, expected {expected_size if expected_size >= 0 else announced}")
         if self.verify_md5:
             # hashlib releases the GIL on large inputs: 12.8 MB per field is ~15 ms of CPU, off the loop.
             await asyncio.to_thread(_check_md5, data, expected_etag or fetched.etag)
-        _limiter_call(self.semaphore, "on_success", len(data))
-        self.counters.add_bytes(len(data))
+        _limiter_call(self.semaphore, "on_success", size)
+        self.counters.add_bytes(size)
         return data
 
-    async def _botocore_get(self, key: str) -> Fetched:
+
+class BotocoreGetter:
+    """GETs through an aiobotocore client (signed or unsigned); the body is read on the event loop."""
+
+    name = "botocore"
+
+    def __init__(self, client: Any, bucket: str):
+        self.client = client
+        self.bucket = bucket
+
+    async def get(self, key: str) -> Fetched:
         response = await self.client.get_object(Bucket=self.bucket, Key=key)
         async with response["Body"] as body:
             data = await body.read()

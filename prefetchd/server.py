@@ -81,8 +81,8 @@ class Server:
         self._server = await bind_control_socket(self.socket_path, self._handle, self.config.get("shm.group"))
         await self._start_metrics()
         endpoint = self.stores.endpoint or "AWS S3"
-        log.info("prefetchd %s listening on %s (S3 endpoint: %s, decode workers: %d)",
-                 __version__, self.socket_path, endpoint, self.config.decode_workers)
+        log.info("prefetchd %s listening on %s (S3 endpoint: %s, GETs: %s, decode workers: %d)",
+                 __version__, self.socket_path, endpoint, self.stores.transport.name, self.config.decode_workers)
         sd_notify("READY=1\nSTATUS=listening on " + str(self.socket_path))
 
     async def _start_metrics(self) -> None:

@@ -56,7 +56,8 @@ class S3Location:
 
     def make_store(self, stores: Stores) -> ObjectStore:
         store = S3Store(stores.s3client, self.bucket, stores.limiter, stores.counters, retries=int(stores.s3["retries"]),
-                        verify_md5=stores.verify_md5(), http=stores.http)
+                        verify_md5=stores.verify_md5(),
+                        getter=stores.transport.getter(stores.s3client, self.bucket))
         return stores.on_disk(f"{stores.endpoint or 'aws'}/{self.bucket}", store)
 
 

@@ -1,5 +1,6 @@
-"""The daemon's object stores: one S3 client, one aiohttp session for unsigned GETs, one GET limiter, one set of
-fetch counters and the disk tiers, shared by every job; `for_dataset` hands a job the store of its dataset."""
+"""The daemon's object stores: one S3 client (LISTs, URLs), one GET transport (`get_transport.py`: obstore by
+default), one GET limiter, one set of fetch counters and the disk tiers, shared by every job; `for_dataset` hands
+a job the store of its dataset."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from prefetchd.concurrency import DEFAULT_MINIMUM, AdaptiveConcurrency
 from prefetchd.counters import FetchCounters
 from prefetchd.dataset import DatasetSpec
 from prefetchd.disk_tier import DiskTier
-from prefetchd.fetch import THROTTLE_CODES, ObjectStore
-from prefetchd.http_get import make_http_session
+from prefetchd.fetch import ObjectStore
+from prefetchd.get_transport import GetTransport, make_get_transport
 from prefetchd.s3 import make_s3_client, resolve_endpoint
 
 
@@ -36,15 +37,12 @@ class Stores:
         self.limiter = make_limiter(s3)
         self.disk_tiers: dict[str, DiskTier] = {}
         self.s3client: Any = None
-        self.http: Any = None    # aiohttp session for unsigned GETs (http_get.py); None: all through botocore
+        self.transport: GetTransport | None = None    # how object GETs are made (get_transport.py)
 
     async def open(self, stack: contextlib.AsyncExitStack) -> None:
-        """Create the S3 client (and the aiohttp session for unsigned GETs); `stack` closes them."""
+        """Create the S3 client and the GET transport; `stack` closes them."""
         self.s3client = await stack.enter_async_context(make_s3_client(self.s3))
-        # Throttles botocore retries on its own (signed GETs) still lower the GET limit.
-        self.s3client.meta.events.register("needs-retry.s3.GetObject", self._on_botocore_retry)
-        if self.s3.get("unsigned", True) and self.s3.get("get_transport", "auto") == "auto":
-            self.http = await stack.enter_async_context(make_http_session(self.s3))
+        self.transport = await stack.enter_async_context(make_get_transport(self.s3))
 
     @property
     def endpoint(self) -> str | None:
@@ -98,7 +96,3 @@ class Stores:
 
     def disk_status(self) -> list[dict[str, Any]]:
         return [tier.status() for tier in self.disk_tiers.values()]
-
-    def _on_botocore_retry(self, response=None, **_) -> None:
-        if response and response[1].get("Error", {}).get("Code") in THROTTLE_CODES:
-            self.limiter.on_throttle()

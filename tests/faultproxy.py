@@ -236,8 +236,9 @@ def _dechunk(data: bytes) -> bytes:
 
 
 def _response(status: str, headers: list[str], body: bytes) -> bytes:
-    return (f"HTTP/1.1 {status}\r\n" + "".join(h + "\r\n" for h in headers) +
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+    # a HEAD's headers carry the object's Content-Length already (its body is empty)
+    length = "" if any(h.lower().startswith("content-length:") for h in headers) else f"Content-Length: {len(body)}\r\n"
+    return (f"HTTP/1.1 {status}\r\n" + "".join(h + "\r\n" for h in headers) + length + "\r\n").encode("latin-1") + body
 
 
 def _error_response(mode: str) -> bytes:

@@ -30,23 +30,29 @@ class MultiCropAugmentation:
         self.flip_probability = flip_probability
         self.intensity_jitter = intensity_jitter
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """images: normalised float [B, C, H, W] on the device; `generator` (CPU) draws every choice."""
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 samples_per_field: int = 1) -> dict[str, torch.Tensor]:
+        """images: normalised float [B, C, H, W] on the device; `generator` (CPU) draws every choice.
+
+        `samples_per_field` K > 1 draws K independent crop sets from every field: the views hold K·B
+        samples, sample k·B + b being the k-th crop set of field b (the same index in every view).
+        """
         B, C = images.shape[:2]
         global_sources = self._view_sources(_antialias(images, self.global_crops_scale, self.global_crops_size))
         local_sources = self._view_sources(_antialias(images, self.local_crops_scale, self.local_crops_size))
-        global_choice = [torch.full((B,), C), torch.randint(0, C, (B,), generator=generator)]
-        global_crops = [
-            self._crop(global_sources, choice, self.global_crops_scale, self.global_crops_size, generator)
-            for choice in global_choice
-        ]
-        local_crops = [
-            self._crop(local_sources, self._local_choice(B, C, generator), self.local_crops_scale,
-                       self.local_crops_size, generator)
-            for _ in range(self.local_crops_number)
-        ]
-        out = {"global_crops": torch.cat(global_crops), "n_global": 2, "n_local": self.local_crops_number}
-        out["local_crops"] = torch.cat(local_crops) if local_crops else None
+        global_views: list[list[torch.Tensor]] = [[], []]
+        local_views: list[list[torch.Tensor]] = [[] for _ in range(self.local_crops_number)]
+        for _ in range(samples_per_field):
+            global_choice = [torch.full((B,), C), torch.randint(0, C, (B,), generator=generator)]
+            for view, choice in zip(global_views, global_choice):
+                view.append(self._crop(global_sources, choice, self.global_crops_scale, self.global_crops_size,
+                                       generator))
+            for view in local_views:
+                view.append(self._crop(local_sources, self._local_choice(B, C, generator), self.local_crops_scale,
+                                       self.local_crops_size, generator))
+        out = {"global_crops": torch.cat([c for view in global_views for c in view]), "n_global": 2,
+               "n_local": self.local_crops_number}
+        out["local_crops"] = torch.cat([c for view in local_views for c in view]) if local_views else None
         return out
 
     def _view_sources(self, images: torch.Tensor) -> torch.Tensor:
