@@ -446,15 +446,16 @@ def markdown_section(results: dict, command: str) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (between its markers), leaving the others as they are."""
-    text = path.read_text() if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        before, rest = text.split(MARK_START, 1)
-        text = before + section + rest.split(MARK_END, 1)[1]
-    else:
-        anchor = "\n## Reproduce"
-        text = text.replace(anchor, "\n" + section + "\n" + anchor, 1) if anchor in text else text + "\n" + section + "\n"
-    path.write_text(text)
+    from bench.sections import write_section as write
+
+    write(path, section, MARK_START, MARK_END)
+
+
+def carry_section(path: Path, text: str) -> str:
+    """For bench.compare, which rewrites BENCHMARKS.md: this benchmark's section put back."""
+    from bench.sections import carry_section as carry
+
+    return carry(path, text, MARK_START, MARK_END)
 
 
 def main(argv: list[str] | None = None) -> int:
