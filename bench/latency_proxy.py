@@ -9,8 +9,8 @@ Response bytes pass through two token buckets: one per connection (`--conn-mbps`
 connections (`--total-mbps`); 0 = unlimited. MB = 10^6 bytes.
 
 Cheap on CPU: uvloop protocols, bytes relayed from callback to transport, no parsing beyond a request's first line.
-Connecting to the stats port returns one JSON line (connections, requests, bytes up/down, and per object suffix —
-`.tiff`, `.npy`, other — requests and bytes down) — neutral GET/byte counts for any client.
+Connecting to the stats port returns one JSON line (connections, requests, bytes up/down, and per object kind —
+`tiff_requests`, `tiff_bytes_down`, `npy_…`, `other_…`) — neutral GET/byte counts for any client.
 
 `LatencyProxy` starts it as a subprocess (its own process, so its CPU is measured separately).
 """
@@ -52,22 +52,24 @@ class Stats:
         self.requests = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.by_suffix: dict[str, list[int]] = {}   # ".tiff" / ".npy" / "other" -> [requests, bytes down]
+        self.by_suffix: dict[str, list[int]] = {}   # "tiff" / "npy" / "other" -> [requests, bytes down]
 
     def to_dict(self) -> dict:
+        """Flat numbers (callers subtract two snapshots key by key): `tiff_requests`, `npy_bytes_down`, ..."""
+        per_kind = {f"{k}_{what}": v for k, counts in self.by_suffix.items()
+                    for what, v in zip(("requests", "bytes_down"), counts)}
         return dict(connections=self.connections, requests=self.requests, bytes_up=self.bytes_up,
-                    bytes_down=self.bytes_down,
-                    by_suffix={k: {"requests": r, "bytes_down": b} for k, (r, b) in self.by_suffix.items()})
+                    bytes_down=self.bytes_down, **per_kind)
 
 
 def suffix_of(request_head: bytes) -> str:
-    """`.tiff`, `.npy` or `other`, from a request's first bytes ("GET /bucket/key.npy HTTP/1.1")."""
+    """`tiff`, `npy` or `other`, from a request's first bytes ("GET /bucket/key.npy HTTP/1.1")."""
     line = request_head[:request_head.find(b"\r\n")] if b"\r\n" in request_head else request_head[:2048]
     path = line.split(b" ")[1] if line.count(b" ") >= 2 else b""
     path = path.split(b"?")[0]
     for suffix in (b".tiff", b".tif", b".npy"):
         if path.endswith(suffix):
-            return ".tiff" if suffix == b".tif" else suffix.decode()
+            return "tiff" if suffix == b".tif" else suffix.decode()[1:]
     return "other"
 
 

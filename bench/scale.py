@@ -157,8 +157,9 @@ class Stage:
         return f"JUMPS3MultiView:bucket={self.bucket}:prefix={self.manifest.spec.prefix}"
 
     def counts(self) -> dict[str, dict[str, int]]:
-        by = self.proxy.stats()["by_suffix"]
-        return {kind: by.get(kind, {"requests": 0, "bytes_down": 0}) for kind in (".tiff", ".npy")}
+        stats = self.proxy.stats()
+        return {f".{kind}": {what: stats.get(f"{kind}_{what}", 0) for what in ("requests", "bytes_down")}
+                for kind in ("tiff", "npy")}
 
     def __exit__(self, *exc) -> None:
         self.daemon.stop()
