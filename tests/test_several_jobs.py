@@ -220,6 +220,20 @@ def test_beyond_the_budget_least_recently_used_plates_go_with_a_warning(daemon, 
     assert "raise illum.budget_bytes" in shown.stdout and "illumination held" in shown.stdout, shown.stdout
 
 
+def test_illumination_files_are_kept_by_the_disk_tier_across_restarts(daemon, many_plates, proxy, tmp_path):
+    tier = (f"disk_cache.dir={tmp_path / 'objects'}", "disk_cache.max_bytes=100000000")
+    n, plates = many_plates.spec.field_count, len(many_plates.spec.plates)
+    first = daemon(*tier, endpoint_url=proxy.url)
+    judge([read_epochs(many_plates, first.socket, "before", 0, 1, cache_size=n // 3)], many_plates.spec, 1)
+    first.stop()
+    assert len(gets(proxy, ".npy")) == 5 * plates
+    proxy.log.clear()
+    second = daemon(*tier, endpoint_url=proxy.url)   # a fresh daemon: empty illumination store, same disk tier
+    judge([read_epochs(many_plates, second.socket, "after", 0, 1, cache_size=n // 3)], many_plates.spec, 1)
+    assert gets(proxy, ".npy") == [] and gets(proxy, ".tiff") == []
+    assert request("status", second.socket)["illum"]["plates"] == plates
+
+
 def test_the_illumination_store_keeps_the_least_recently_used_plates(many_plates, proxy):
     """The store alone over a real S3 store: plates asked for one at a time in a random order with repeats;
     the GETs the S3 side sees are exactly those of an LRU cache of `budget` plates."""
@@ -313,14 +327,17 @@ def test_a_world_size_above_one_without_a_launcher_asks_for_a_job_id(daemon, man
 # 3. Jobs share what is cached
 
 
-def run_two_rank_jobs(ranks: Ranks, socket: Path, data, ports: list[int], cache_size: int) -> list[dict]:
-    for j, port in enumerate(ports):   # each a torchrun job of 2 ranks; plain torchrun names every run "none"
+def run_two_rank_jobs(ranks: Ranks, socket: Path, data, ports: list[int], cache_size: int) -> tuple[list[dict], dict]:
+    """Each a torchrun job of 2 ranks (plain torchrun names every run "none"); returns what the ranks received
+    and the daemon's status while every rank was still attached."""
+    for j, port in enumerate(ports):
         for rank in range(2):
-            ranks.start(torchrun_env("none", rank, 2, port), dataset=data.dataset, socket=str(socket),
+            ranks.start(torchrun_env("none", rank, 2, port), dataset=data.dataset, socket=str(socket), hold=True,
                         batch_size=4, epochs=2, options={"cache_size": cache_size, **PIX})
     ranks.wait_done()
+    status = request("status", socket)
     ranks.release()
-    return ranks.records()
+    return ranks.records(), status
 
 
 def test_two_jobs_on_one_dataset_fetch_about_one_jobs_bytes(daemon, many_plates, proxy, ranks, tmp_path):
@@ -337,11 +354,12 @@ def test_two_jobs_on_one_dataset_fetch_about_one_jobs_bytes(daemon, many_plates,
     proxy.log.clear()
 
     d = daemon(endpoint_url=proxy.url)
-    records = run_two_rank_jobs(ranks, d.socket, many_plates, [29500, 29501], n // 3)
+    records, status = run_two_rank_jobs(ranks, d.socket, many_plates, [29500, 29501], n // 3)
     two_jobs = served_bytes(gets(proxy, ".tiff"), many_plates.manifest, many_plates.bucket)
-    status = request("status", d.socket)
     assert two_jobs <= 1.1 * one_job, f"two jobs fetched {two_jobs / one_job:.2f}× one job's bytes"
-    assert status["fields_shared"] > 0
+    assert status["fields_shared"] == sum(j["fields_shared"] for j in status["jobs"]) > 0
+    for job in status["jobs"]:   # a copy is a fill: its first use is a miss, as after a GET
+        assert job["fields_served"] == 2 * n and job["cache_misses"] <= job["fields_fetched"] + job["fields_shared"]
     assert len(gets(proxy, ".npy")) == 5 * len(many_plates.spec.plates)
     ids = [r["job"] for r in records]
     assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2]   # ranks of a run share it, runs do not
