@@ -121,6 +121,8 @@ class _Relay:
         self.kind: list[int] | None = None   # the by_suffix counters of the request being answered
         self.pending: list[bytes] = []   # client bytes before the upstream connection is up
         self.held_down = 0               # response chunks held back by the bandwidth caps
+        self.held_up = 0                 # requests held back for latency
+        self.eof_pending = False         # the client's EOF, passed on once the held requests are
         self.closing = False
 
     def to_server(self, data: bytes) -> None:
@@ -135,13 +137,18 @@ class _Relay:
             self.kind[0] += 1
             if self.latency_s > 0:  # hold the request back: the first response byte comes >= latency later
                 self.client.hold()
+                self.held_up += 1
                 self.loop.call_later(self.latency_s, self._forward_held, data)
                 return
         self.server.transport.write(data)
 
     def _forward_held(self, data: bytes) -> None:
+        self.held_up -= 1
         if not self.server.transport.is_closing():
             self.server.transport.write(data)
+            if self.eof_pending and not self.held_up:
+                self.eof_pending = False
+                self.server.transport.write_eof()
         self.client.unhold()
 
     def to_client(self, data: bytes) -> None:
@@ -185,7 +192,9 @@ class _ClientSide(_Side):
 
     def eof_received(self):
         server = self.relay.server.transport
-        if server is not None and server.can_write_eof():
+        if self.relay.held_up:   # a request is still held back for latency: the EOF follows it
+            self.relay.eof_pending = True
+        elif server is not None and server.can_write_eof():
             server.write_eof()
         return True  # half-open: the response may still be coming
 
