@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="build or refresh the cached index of a dataset")
     index.add_argument("dataset")
     index.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL / AWS)")
-    index.add_argument("--keys-file", help="`aws s3 ls --recursive` output, S3 Inventory CSV or load_data CSV/parquet")
+    index.add_argument("--keys-file", help="`aws s3 ls --recursive` output, S3 Inventory CSV, load_data CSV/parquet "
+                       "or jump_index.parquet")
+    index.add_argument("--json", action="store_true", help="print the summary as JSON")
     index.add_argument("--refresh", action="store_true", default=True, help=argparse.SUPPRESS)
     _add_config_args(index, socket=False)
 

@@ -151,7 +151,7 @@ class Stream:
 
 
 def attach(
-    dataset: str,
+    dataset: str | list[str],
     batch_size: int,
     seed: int = 0,
     rank: int = 0,
@@ -165,7 +165,12 @@ def attach(
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
     prefetch_factor, policy, drop_last (see README). All ranks of a job must pass the same values.
+    `dataset` may be a list of dataset strings of one bucket (a config list): their prefixes are joined.
     `job`: the job id (default `$PREFETCHD_JOB`, else from the launcher: `prefetchd/job_id.py`)."""
+    if isinstance(dataset, (list, tuple)):
+        from prefetchd.dataset import join_datasets
+
+        dataset = join_datasets(list(dataset))
     options = {k: v for k, v in options.items() if v is not None}
     if job is None:
         job = os.environ.get(ENV_JOB) or job_id_for(dataset, batch_size, seed, world_size, options)
