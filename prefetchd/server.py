@@ -20,6 +20,7 @@ from prefetchd import __version__
 from prefetchd.config import Config, apply_reload
 from prefetchd.errors import (AttachConflict, ConfigError, DaemonStopping, ErrorCode, Forbidden, PrefetchdError,
                               ProtocolError)
+from prefetchd.illum import IllumStore
 from prefetchd.indexes import IndexRegistry
 from prefetchd.job import EpochEnd, Job
 from prefetchd.jobs import Jobs, job_spec_for
@@ -59,7 +60,8 @@ class Server:
         self.stores = Stores(config.tree["s3"], config.tree["disk_cache"])
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(config.tree["s3"], config.cache_dir, float(config.get("index.wait_s")))
-        self.jobs = Jobs(self.indexes, self.stores, self.pool)
+        self.illum = IllumStore(self.pool, int(config.get("illum.budget_bytes")))   # one for all jobs
+        self.jobs = Jobs(self.indexes, self.stores, self.pool, self.illum)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class Server:
         logging.getLogger().setLevel(str(self.config.get("log_level")).upper())
         self.indexes.wait_s = float(self.config.get("index.wait_s"))
         self.stores.reload(self.config.tree["s3"])  # one limiter: all jobs together, attached or new
+        self.illum.budget_bytes = int(self.config.get("illum.budget_bytes"))
         self.peers = PeerPolicy.from_config(self.config)
         log.info("reloaded config: changed %s", ", ".join(result.changed) or "nothing")
         if result.ignored:
@@ -303,6 +306,8 @@ class Server:
             "shm_bytes": totals["shm_bytes"],
             "slots": totals["slots"],
             "stall_s": totals["stall_s"],
+            "illum": self.illum.status(),
+            **self.jobs.shared.status(),
             "indexing": self.indexes.status(),
             "disk_cache": self.stores.disk_status(),
             "concurrency": self.stores.concurrency_status(),
