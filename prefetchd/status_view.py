@@ -74,6 +74,10 @@ def render_status(s: dict[str, Any]) -> Group:
                          " ".join(f"{k.lower()} {v}" for k, v in j["slots"].items() if v))
         parts.append(jobs)
         for j in s["jobs"]:
+            if shape := j.get("field_shape"):
+                how = f" ({shape['option']['mode']})" if shape.get("option") else ""
+                parts.append(f"{j['job']}: fields {'×'.join(map(str, shape['size']))}{how}; "
+                             f"{'; '.join(shape['sources'])}")
             for q in j["quarantined"][:10]:
                 parts.append(f"[red]quarantined[/red] {q['field']}: {q['reason']}")
     if (s.get("illum") or {}).get("warning"):
