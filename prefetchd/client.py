@@ -12,8 +12,6 @@ No network I/O happens here: the daemon has fetched and decoded everything alrea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -24,6 +22,7 @@ import numpy as np
 
 from prefetchd.control import ControlConnection
 from prefetchd.errors import AttachConflict, DaemonNotRunning, DaemonStopping, ErrorCode, IndexBuilding
+from prefetchd.job_id import ENV_JOB, job_id_for
 from prefetchd.local_root import absolute_local_root, unseen_local_root_hint
 from prefetchd.shm.arena import ArenaLayout
 from prefetchd.shm.batch_view import BatchView
@@ -190,7 +189,8 @@ def attach(
 ) -> Stream:
     """Attach one rank to the daemon. `options`: channels, illum, rescale, clahe, cache_size,
     prefetch_factor, policy, drop_last, shape (see README). All ranks of a job must pass the same values.
-    `dataset` may be a list of dataset strings of one bucket (a config list): their prefixes are joined."""
+    `dataset` may be a list of dataset strings of one bucket (a config list): their prefixes are joined.
+    `job`: the job id (default `$PREFETCHD_JOB`, else from the launcher: `prefetchd/job_id.py`)."""
     if isinstance(dataset, (list, tuple)):
         from prefetchd.dataset import join_datasets
 
@@ -198,7 +198,7 @@ def attach(
     options = {k: v for k, v in options.items() if v is not None}
     dataset = absolute_local_root(dataset)
     if job is None:
-        job = default_job_id(dataset, batch_size, seed, world_size, options)
+        job = os.environ.get(ENV_JOB) or job_id_for(dataset, batch_size, seed, world_size, options)
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
@@ -214,9 +214,3 @@ def attach(
         raise
     return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 
-
-def default_job_id(dataset: str, batch_size: int, seed: int, world_size: int, options: dict) -> str:
-    """Same arguments on every rank → the same job; torchrun's run id keeps separate runs apart."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    text = json.dumps([dataset, batch_size, seed, world_size, options, run], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]

@@ -17,11 +17,12 @@ from prefetchd.decode import assemble_field, field_plane_shapes
 from prefetchd.errors import CorruptObjectError, ErrorCode, PrefetchdError, class_for
 from prefetchd.fetch import ObjectStore
 from prefetchd.field_shape import GroupSample, ShapeDecision, ShapeOption, decide_shape, misfit
-from prefetchd.illum import IllumCache
+from prefetchd.illum import IllumStore
 from prefetchd.index import Field, Index
 from prefetchd.pace import Pace
 from prefetchd.preprocess import Preprocessing
 from prefetchd.quarantine import Quarantine
+from prefetchd.shared_fields import Content, SharedFields
 from prefetchd.shm.arena import Arena
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,10 @@ class Filler:
     """Runs the fills of one job's arena. `filling` maps each field being filled to a future that resolves to
     True (in its slot) or False (quarantined); `on_done` runs after every fill, whatever its outcome.
 
+    A fill first asks the node-wide registry (`shared`) whether another job holds the same pixels and copies
+    them if so; otherwise it GETs the channels while the plate's illumination files load from the daemon-wide
+    `illum` store, and registers as the field's holder for the other jobs.
+
     A field's reads (all attempts, each GET with its own retries) get `budget_s` together: a field whose objects
     keep stalling is quarantined then, not after attempts × retries × read timeout, so a rank waiting for it
     waits at most that long (plus its substitute's fill). Decoding is not timed: it writes into the slot
@@ -151,7 +156,8 @@ class Filler:
 
     def __init__(self, index: Index, store: ObjectStore, pool: Executor, preprocessing: Preprocessing,
                  arena: Arena, cache: SlotCache, quarantine: Quarantine, pace: Pace, on_done: Callable[[], None],
-                 fit: ShapeOption | None = None, budget_s: float = FIELD_BUDGET_S):
+                 fit: ShapeOption | None = None, illum: IllumStore | None = None,
+                 shared: SharedFields | None = None, key_space: str = "", budget_s: float = FIELD_BUDGET_S):
         self.index = index
         self.fit = fit              # how a field of another size is made the slot's size (None: quarantined)
         self.store = store
@@ -163,9 +169,15 @@ class Filler:
         self.pace = pace
         self.on_done = on_done
         self.budget_s = budget_s
-        self.illum = IllumCache(store, index.illum, pool)
+        self.illum = illum if illum is not None else IllumStore(pool)
+        self.shared = shared if shared is not None else SharedFields()   # alone: no other job to share with
+        self.key_space = key_space
         self.filling: dict[int, asyncio.Future] = {}
         self.fields_fetched = 0
+        self.fields_shared = 0       # filled by copying another job's slot instead of GETs
+        self.closed = False
+        self._held: dict[int, Content] = {}   # fields registered in `shared` as held by this job
+        cache.on_vacate = self._vacated
         self._tasks: set[asyncio.Task] = set()
 
     def start(self, f: int, slot: int, blobs: list[bytes] | None = None) -> asyncio.Future:
@@ -185,14 +197,20 @@ class Filler:
         error = ""
         deadline = loop.time() + self.budget_s if self.budget_s > 0 else None   # 0: no budget
         try:
+            content = self._content(field_)
+            if blobs is None and await self.shared.copy_into(content, self, self.arena.slot(slot), self.pool):
+                self.fields_shared += 1
+                self._finished(f, slot, content, started, future)
+                return
+            self._hold(f, content)   # other jobs wanting this field now wait for this fill
             for attempt in range(FILL_ATTEMPTS):
                 try:
+                    illum = self._illum(field_)   # loads beside the channels' GETs
                     try:
                         async with asyncio.timeout_at(deadline) as budget:
                             if blobs is None:
                                 blobs = await fetch_channels(self.store, field_)
-                            illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
-                                                          len(field_.keys))
+                            illums = await illum
                     except TimeoutError:
                         if not budget.expired():
                             raise
@@ -200,10 +218,8 @@ class Filler:
                         break
                     await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
                                                self.arena.slot(slot), list(field_.keys), self.fit)
-                    self.cache.finish_fill(slot)
-                    self.pace.fill_took(time.monotonic() - started)
                     self.fields_fetched += 1
-                    future.set_result(True)
+                    self._finished(f, slot, content, started, future)
                     return
                 except Exception as exc:  # corrupt object, storage error, or a bug in preprocessing
                     error = str(exc) if isinstance(exc, PrefetchdError) else f"{type(exc).__name__}: {exc}"
@@ -225,7 +241,37 @@ class Filler:
             self.filling.pop(f, None)
             self.on_done()
 
+    def _finished(self, f: int, slot: int, content: Content, started: float, future: asyncio.Future) -> None:
+        self.cache.finish_fill(slot)
+        self._hold(f, content)
+        self.pace.fill_took(time.monotonic() - started)
+        future.set_result(True)
+
+    def _content(self, field_: Field) -> Content:
+        illum = self.index.illum.get(field_.illum_plate) if self.preprocessing.illum and field_.illum_plate else None
+        return Content(self.key_space, tuple(field_.keys), tuple(field_.etags), illum, self.preprocessing,
+                       self.arena.layout.shape, self.fit)
+
+    def _illum(self, field_: Field) -> asyncio.Future:
+        """The field's illumination arrays (a future: the plate's missing files start loading now)."""
+        plate = field_.illum_plate if self.preprocessing.illum else None
+        return self.illum.plate(self.key_space, self.store, plate, self.index.illum.get(plate) if plate else None,
+                                len(field_.keys))
+
+    def _hold(self, f: int, content: Content) -> None:
+        self._held[f] = content
+        self.shared.hold(content, self, f)
+
+    def _vacated(self, f: int) -> None:
+        content = self._held.pop(f, None)
+        if content is not None:
+            self.shared.drop(content, self)
+
     async def close(self) -> None:
+        self.closed = True
+        for content in self._held.values():
+            self.shared.drop(content, self)
+        self._held.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

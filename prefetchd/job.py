@@ -23,11 +23,13 @@ from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
 from prefetchd.field_shape import ShapeDecision
 from prefetchd.filler import FIELD_BUDGET_S, Filler, probe
+from prefetchd.illum import IllumStore
 from prefetchd.index import Index
 from prefetchd.pace import Pace
 from prefetchd.options import JobSpec
 from prefetchd.planner import Planner, make_planner
 from prefetchd.quarantine import Quarantine
+from prefetchd.shared_fields import SharedFields
 from prefetchd.shm.arena import Arena, arena_name
 from prefetchd.timeline import RankState, Timeline
 
@@ -87,8 +89,10 @@ class EpochEnd:
 class Job:
     def __init__(self, spec: JobSpec, index: Index, store: ObjectStore, pool: Executor, *,
                  max_fills: int, local_world_size: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 shm_budget: int = 0, field_budget_s: float = FIELD_BUDGET_S):
+                 shm_budget: int = 0, illum: IllumStore | None = None, shared: SharedFields | None = None,
+                 key_space: str = "", field_budget_s: float = FIELD_BUDGET_S):
         self.spec = spec
+        self._node = (illum, shared, key_space)   # what this job shares with the daemon's other jobs
         self.index = index
         self.store = store
         self.pool = pool
@@ -142,9 +146,10 @@ class Job:
         mode, gid, budget = self._shm
         self.arena = Arena.create(arena_name(s.job), s.cache_size, shape, mode=mode, gid=gid, budget_bytes=budget)
         self.cache = SlotCache(self.arena)
+        illum, shared, key_space = self._node
         self.filler = Filler(self.index, self.store, self.pool, s.preprocessing, self.arena, self.cache,
                              self.quarantine, self.pace, on_done=self._slots_changed, fit=sampled.decision.option,
-                             budget_s=self.field_budget_s)
+                             illum=illum, shared=shared, key_space=key_space, budget_s=self.field_budget_s)
         self.planner = make_planner(s.policy, batch_size=s.batch_size, cache_size=s.cache_size,
                                     prefetch_factor=s.prefetch_factor, max_fills=self.max_fills, ranks=self.ranks,
                                     timeline=self.timeline, cache=self.cache, filler=self.filler, pace=self.pace)
@@ -238,6 +243,8 @@ class Job:
         started = time.monotonic()
         mapped = await self._wait_ready(self.timeline.batch(rank, epoch, batch))
         waited = time.monotonic() - started
+        state.stall_s += waited
+        state.batches += 1
         slots = [self.cache.lookup(f) for f in mapped]
         self.stats.served_batch(epoch, [self.cache.lease(slot) for slot in slots], waited)
         state.leased = slots
@@ -300,13 +307,15 @@ class Job:
             "shm_name": arena.layout.name if arena else None,
             "shm_bytes": arena.layout.total_bytes if arena else 0,
             "ranks": {r.rank: {"epoch": r.epoch, "position": r.position, "connected": r.connected,
-                               "leased": len(r.leased), "think_s": r.think_s} for r in self.ranks.values()},
+                               "leased": len(r.leased), "think_s": r.think_s, "stall_s": r.stall_s,
+                               "batches": r.batches} for r in self.ranks.values()},
             "fields_served": served,
             "cache_hits": st.cache_hits,
             "cache_misses": st.cache_misses,
             "hit_rate": st.cache_hits / served if served else 0.0,
             "hit_rate_bound": min(1.0, s.cache_size / self.n_fields) if self.n_fields else 0.0,
             "fields_fetched": self.filler.fields_fetched if self.filler else 0,
+            "fields_shared": self.filler.fields_shared if self.filler else 0,
             "evicted_unused": cache.evicted_unused if cache else 0,
             "guarded_evictions": planner.guarded_evictions if planner else 0,
             "stall_s": st.stall_s,

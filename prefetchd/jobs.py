@@ -16,11 +16,13 @@ from typing import Any
 from prefetchd.config import Config
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import AttachConflict
+from prefetchd.illum import IllumStore
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job
 from prefetchd.options import JobSpec
 from prefetchd.options import AttachOptions, resolve_options
 from prefetchd.reachability import check_endpoint_answers
+from prefetchd.shared_fields import SharedFields
 from prefetchd.shm.arena import SlotState
 from prefetchd.stores import Stores
 
@@ -30,10 +32,14 @@ TOTALS = ("fields_served", "cache_hits", "cache_misses", "stall_s")   # summed o
 
 
 class Jobs:
-    def __init__(self, indexes: IndexRegistry, stores: Stores, pool: Executor):
+    """Also what jobs share: the illumination store and the registry of fields held in any job's arena."""
+
+    def __init__(self, indexes: IndexRegistry, stores: Stores, pool: Executor, illum: IllumStore):
         self.indexes = indexes
         self.stores = stores
         self.pool = pool
+        self.illum = illum
+        self.shared = SharedFields()
         self.running: dict[str, Job] = {}
         self._starts: dict[str, asyncio.Future] = {}
         self._closed_totals: dict[str, Any] = {"fields_served": 0, "cache_hits": 0, "cache_misses": 0, "stall_s": 0.0}
@@ -62,8 +68,9 @@ class Jobs:
             index = await self.indexes.get(spec)
             job = Job(job_spec, index, self.stores.for_dataset(spec), self.pool,
                       max_fills=max(4, int(config.get("s3.max_concurrency")) // max(1, len(spec.channels))),
-                      local_world_size=local_world_size, field_budget_s=float(config.get("job.field_budget_s")),
-                      **_shm_settings(config))
+                      local_world_size=local_world_size, illum=self.illum, shared=self.shared,
+                      key_space=spec.storage.key_space(self.stores.endpoint),
+                      field_budget_s=float(config.get("job.field_budget_s")), **_shm_settings(config))
             await job.start()
             self.running[job_spec.job] = job
             future.set_result(job)

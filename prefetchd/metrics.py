@@ -27,7 +27,19 @@ COUNTERS = {
     "fetch_errors": ("prefetchd_fetch_errors", "GETs that failed after all retries", True),
     "stall_s": ("prefetchd_stall_seconds", "Seconds trainers waited in next()", True),
     "quarantined": ("prefetchd_quarantined_fields", "Fields quarantined (stayed bad after retries), closed jobs included", True),
+    "image_gets": ("prefetchd_image_gets", "GET requests for images (of prefetchd_gets)", True),
+    "image_bytes_fetched": ("prefetchd_image_fetched_bytes", "Image bytes read from the object store", True),
+    "illum_gets": ("prefetchd_illum_gets", "GET requests for illumination files (of prefetchd_gets)", True),
+    "illum_bytes_fetched": ("prefetchd_illum_fetched_bytes", "Illumination bytes read from the object store", True),
+    "fields_shared": ("prefetchd_fields_shared", "Fields a job copied from another job's arena instead of GETs", True),
     "connections_refused": ("prefetchd_connections_refused", "Control connections refused by the connection caps", True),
+}
+# status["illum"] key -> (metric name, help, counter?): the daemon-wide illumination store (prefetchd/illum.py)
+ILLUM = {
+    "plates": ("prefetchd_illum_plates", "Plates whose illumination files are held", False),
+    "bytes": ("prefetchd_illum_bytes", "Bytes of illumination arrays held", False),
+    "budget_bytes": ("prefetchd_illum_budget_bytes", "illum.budget_bytes", False),
+    "evictions": ("prefetchd_illum_evictions", "Plates dropped to stay within illum.budget_bytes", True),
 }
 GAUGES = {
     "uptime_s": ("prefetchd_uptime_seconds", "Seconds since the daemon started"),
@@ -81,6 +93,11 @@ class StatusCollector:
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(c.get(key, 0)))
             yield counter
+        illum = s.get("illum") or {}
+        for key, (name, doc, counter) in ILLUM.items():
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc)
+            family.add_metric([], float(illum.get(key, 0)))
+            yield family
         slots = GaugeMetricFamily("prefetchd_slots", "Arena slots per state, all jobs", labels=["state"])
         counts = {k.lower(): v for k, v in (s.get("slots") or {}).items()}
         for state in sorted({"free", "filling", "ready", "leased"} | set(counts)):

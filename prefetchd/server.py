@@ -21,6 +21,7 @@ from prefetchd.config import Config, apply_reload
 from prefetchd.connections import Admission, Connection, IdleConnection, read_request, until_peer_leaves
 from prefetchd.errors import (AttachConflict, ConfigError, DaemonStopping, ErrorCode, Forbidden, PrefetchdError,
                               ProtocolError, TooManyConnections)
+from prefetchd.illum import IllumStore
 from prefetchd.indexes import IndexRegistry
 from prefetchd.job import EpochEnd, Job
 from prefetchd.jobs import Jobs, job_spec_for
@@ -55,7 +56,8 @@ class Server:
         self.stores = Stores(config.tree["s3"], config.tree["disk_cache"])
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(config.tree["s3"], config.cache_dir, float(config.get("index.wait_s")))
-        self.jobs = Jobs(self.indexes, self.stores, self.pool)
+        self.illum = IllumStore(self.pool, int(config.get("illum.budget_bytes")))   # one for all jobs
+        self.jobs = Jobs(self.indexes, self.stores, self.pool, self.illum)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class Server:
         logging.getLogger().setLevel(str(self.config.get("log_level")).upper())
         self.indexes.wait_s = float(self.config.get("index.wait_s"))
         self.stores.reload(self.config.tree["s3"])  # one limiter: all jobs together, attached or new
+        self.illum.budget_bytes = int(self.config.get("illum.budget_bytes"))
         self.peers = PeerPolicy.from_config(self.config)
         self.admission.total = int(self.config.get("control.max_connections"))
         self.admission.per_peer = int(self.config.get("control.max_connections_per_peer"))
@@ -353,6 +356,8 @@ class Server:
             "stall_s": totals["stall_s"],
             "connections": self.admission.count,
             "connections_refused": self.admission.refused,
+            "illum": self.illum.status(),
+            **self.jobs.shared.status(),
             "indexing": self.indexes.status(),
             "disk_cache": self.stores.disk_status(),
             "concurrency": self.stores.concurrency_status(),

@@ -51,6 +51,10 @@ class S3Location:
         """The part of the index cache key that says where: the same prefix on another endpoint is other data."""
         return f"s3:{endpoint or 'aws'}:{self.bucket}/{self.prefix}"
 
+    def key_space(self, endpoint: str | None) -> str:
+        """Where keys are rooted: the same key in the same key space is the same object (for every dataset)."""
+        return f"s3:{endpoint or 'aws'}/{self.bucket}"
+
     def holds(self, key: str) -> bool:
         """Whether a key from an index file lies under this location."""
         return any(not p or key.startswith(p + "/") for p in self.prefixes)
@@ -97,6 +101,9 @@ class LocalDirectory:
         return self.root
 
     def cache_where(self, endpoint: str | None) -> str:
+        return f"local:{os.path.abspath(self.root)}"
+
+    def key_space(self, endpoint: str | None) -> str:
         return f"local:{os.path.abspath(self.root)}"
 
     def holds(self, key: str) -> bool:

@@ -33,6 +33,8 @@ class RankState:
     connected: bool = True
     detached: bool = False
     think_s: float = 0.0                # moving average: from a batch handed out to the next request
+    stall_s: float = 0.0                # summed waits in `next` for batches not ready
+    batches: int = 0                    # batches handed out
     replied_at: float | None = None
 
     def asked(self, alpha: float = 0.3) -> None:

@@ -4,15 +4,24 @@ numpy index computation on 1080² Phenix and 1024² ImageXpress fields that enco
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 import numpy as np
 import pytest
+from rich.console import Console
 
+from prefetchd.client import attach
+from prefetchd.dataset import parse_dataset
 from prefetchd.decode import assemble_field, field_plane_shapes, tiff_shape
 from prefetchd.dev import synth_layouts as sl
 from prefetchd.errors import ConfigError, CorruptObjectError, DatasetError, ErrorCode
 from prefetchd.field_shape import FitMode, GroupSample, ShapeOption, decide_shape, fit_plane, parse_shape
+from prefetchd.index import build_index
+from prefetchd.jump_sources import CPG0016_OPTICS
 from prefetchd.options import resolve_options
 from prefetchd.preprocess import Preprocessing, apply_channel
+from prefetchd.status_view import render_status
 
 RAW = Preprocessing.from_options(illum=False, rescale=False, clahe=False)
 PHENIX, IMAGEXPRESS = (1080, 1080), (1024, 1024)
@@ -158,14 +167,7 @@ def test_a_source_with_no_readable_sample_counts_with_its_nominal_shape():
 
 # ---- through the daemon: real S3 API, real shared memory --------------------------------------------
 
-from collections import Counter  # noqa: E402
 
-from prefetchd.client import attach  # noqa: E402
-from prefetchd.config import Config  # noqa: E402
-from prefetchd.dataset import parse_dataset  # noqa: E402
-from prefetchd.errors import PrefetchdError  # noqa: E402
-from prefetchd.index import build_index  # noqa: E402
-from prefetchd.jump_sources import CPG0016_OPTICS  # noqa: E402
 
 BUCKET = "jump-shapes"
 PROJECT = "cpg0016-jump"
@@ -201,7 +203,7 @@ def test_one_small_dna_tiff_in_the_first_field_quarantines_that_field_alone(s3, 
     """Issue #16 defect 1: the field read first used to fix the shape, so every other field was quarantined."""
     _, odd = shapes_bucket
     s3cfg = {"endpoint_url": s3.endpoint_url, "unsigned": True, "retries": 0}
-    index = await_index(dataset(f"odd-project/source_4"), s3cfg, tmp_path)
+    index = await_index(dataset("odd-project/source_4"), s3cfg, tmp_path)
     first = index.fields[0]
     by_id = odd.by_id()
     assert first.id in by_id and len(index.fields) == 24
@@ -228,8 +230,6 @@ def test_one_small_dna_tiff_in_the_first_field_quarantines_that_field_alone(s3, 
 
 
 def await_index(text, s3cfg, tmp_path):
-    import asyncio
-
     return asyncio.run(build_index(parse_dataset(text), s3cfg, tmp_path))
 
 
@@ -269,4 +269,49 @@ def test_mixed_phenix_and_imagexpress_refused_then_cropped_and_padded_exactly(sh
                     assert batch.pixel_size_um[i] == pytest.approx(CPG0016_OPTICS[site.source].pixel_size_um)
                     delivered[site.id] += 1
             assert delivered == Counter({s.id: 1 for s in mixed.sites}), job
-            assert next(j for j in stream.status()["jobs"] if j["job"] == job)["quarantined"] == []
+            status = stream.status()
+            assert next(j for j in status["jobs"] if j["job"] == job)["quarantined"] == []
+            console = Console(record=True, width=240)
+            console.print(render_status(status))
+            assert f"{job}: fields {size[0]}×{size[1]} ({shape['mode']}); source_3 72×72" in console.export_text()
+
+
+def test_the_trainer_config_attaches_a_mixed_selection_and_crops_at_one_micron_scale(shapes_bucket, daemon):
+    """`s3.shape` reaches the daemon; `batch.pixel_size_um` reaches the scale-aware crops."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.data.augmentations import make_augmentation
+    from trainer.data.source import make_source
+    from trainer.data.to_device import images_to_device, normalize_per_channel
+
+    d = daemon()
+    cfg = load_config(None, [f"train.dataset_path={dataset(f'{PROJECT}/source_3,{PROJECT}/source_8')}",
+                             f"s3.socket={d.socket}", "s3.shape={mode: pad}", "s3.illum=false", "s3.rescale=false",
+                             "s3.clahe=false", "s3.cache_size=12", "train.batch_size_per_gpu=4",
+                             "crops.pixel_size_um=0.65", "crops.global_crops_size=16", "crops.local_crops_size=8"])
+    assert cfg["s3"]["shape"] == {"mode": "pad"}
+    source = make_source(cfg, 0, 1)
+    try:
+        assert source.shape == (5, 72, 72)
+        batch = next(iter(source.epoch(0)))
+        assert np.isfinite(batch.pixel_size_um).all()
+        assert {round(float(p), 4) for p in batch.pixel_size_um} <= {0.598, 0.7032}
+        augment = make_augmentation(cfg)
+        images = normalize_per_channel(images_to_device(batch.images, torch.device("cpu")))
+        crops = augment(images, torch.Generator().manual_seed(0), pixel_size_um=batch.pixel_size_um)
+        expected_zoom = 0.65 / torch.as_tensor(batch.pixel_size_um)
+        assert torch.allclose(augment.zoom(batch.pixel_size_um, 4), expected_zoom)
+        assert crops["global_crops"].shape == (2 * 4, 1, 16, 16)
+    finally:
+        source.close()
+
+
+def test_samples_spread_over_a_source_with_spares_from_its_start():
+    from prefetchd.filler import _candidates
+
+    positions = np.arange(100, 200)
+    primary, spare = _candidates(positions, 3, 4)
+    assert primary == [100, 150, 199] and spare == [101, 102, 103, 104]
+    assert _candidates(np.array([7]), 3, 4) == ([7], [])
+    assert _candidates(np.array([], np.int64), 3, 4) == ([], [])
