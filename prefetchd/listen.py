@@ -73,7 +73,11 @@ class ControlSocket:
 
     def _lock(self) -> None:
         lock = lock_path(self.path)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DaemonBusy(f"cannot open the lock file {lock} beside the socket ({exc.strerror}): it belongs to "
+                             "another user or the directory is read-only; use another --socket") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
