@@ -5,6 +5,7 @@ and a daemon log line for every failed attach."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from conftest import wait_until
 from faultproxy import FaultProxy
 
 RAW = {"illum": False, "clahe": False, "rescale": False}
+PID = os.getpid()   # in job ids that get an arena: /dev/shm names are machine-wide, other test sessions run beside
 
 
 def connect(d) -> socket.socket:
@@ -111,12 +113,12 @@ def test_world_size_at_the_bound_costs_what_the_rank_reads_and_beyond_it_is_refu
     every other client timed out. Now the largest accepted world size answers at once, its rank's schedule
     costs O(fields / world_size), and the job beside it keeps streaming exact pixels."""
     d = daemon()
-    other = Streaming(d, synthetic, "beside-huge")
+    other = Streaming(d, synthetic, f"beside-huge-{PID}")
     try:
         other.wait_for_more(2, "the other job to stream")
         rss_before = daemon_rss_bytes(d)
         with attach(synthetic.dataset, batch_size=4, rank=MAX_WORLD_SIZE - 1, world_size=MAX_WORLD_SIZE,
-                    socket=d.socket, job="huge-world", cache_size=12, timeout=60, **RAW) as huge:
+                    socket=d.socket, job=f"huge-world-{PID}", cache_size=12, timeout=60, **RAW) as huge:
             assert MAX_WORLD_SIZE == 10**8 and huge.batches_per_epoch == 1
             for epoch in range(3):
                 (batch,) = list(huge.epoch(epoch))   # one field per epoch: 24 fields over 10^8 ranks
@@ -168,7 +170,7 @@ def test_every_request_size_is_refused_in_one_line_naming_the_key_while_another_
     the real socket: a one-line error with the key and the accepted range, a daemon log line, nothing allocated,
     and a job beside it that keeps receiving exact pixels."""
     d = daemon()
-    other = Streaming(d, synthetic, "beside-hostile")
+    other = Streaming(d, synthetic, f"beside-hostile-{PID}")
     try:
         other.wait_for_more(2, "the other job to stream")
         shm_before = request("status", d.socket)["shm_bytes"]
@@ -181,7 +183,7 @@ def test_every_request_size_is_refused_in_one_line_naming_the_key_while_another_
             assert len(reply["error"]) < 600, (fields, reply)   # one readable line, not an echo of the request
         other.wait_for_more(2, "the other job to keep streaming after the hostile attaches")
         status = request("status", d.socket)
-        assert [j["job"] for j in status["jobs"]] == ["beside-hostile"] and status["shm_bytes"] == shm_before
+        assert [j["job"] for j in status["jobs"]] == [other.stream.job] and status["shm_bytes"] == shm_before
         for i, (_, code, needle) in enumerate(HOSTILE_SIZES):
             lines = [line for line in d.log.splitlines() if f"of job hostile{i} from pid" in line]
             assert len(lines) == 1 and f"attach refused ({code})" in lines[0] and needle in lines[0], (i, lines)
@@ -214,10 +216,11 @@ def test_every_failed_attach_has_a_daemon_log_line(daemon, synthetic):
         dataset = kwargs.pop("dataset")
         with pytest.raises(PrefetchdError):
             attach(dataset, batch_size=4, socket=d.socket, cache_size=12, **RAW, **kwargs)
-    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="taken", cache_size=12, **RAW):
+    taken = f"taken-{PID}"
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=taken, cache_size=12, **RAW):
         with pytest.raises(PrefetchdError, match="already attached"):
-            attach(synthetic.dataset, batch_size=4, socket=d.socket, job="taken", cache_size=12, **RAW)
-    for job in ("nobucket", "badprefetch", "badrank", "taken"):
+            attach(synthetic.dataset, batch_size=4, socket=d.socket, job=taken, cache_size=12, **RAW)
+    for job in ("nobucket", "badprefetch", "badrank", taken):
         wait_until(lambda: f"of job {job} from pid" in d.log, 10, f"a log line for the failed attach of {job}")
     # Refused by the protocol's schema before the daemon reads the request as an attach: logged all the same.
     unreadable = [
@@ -243,7 +246,7 @@ def test_every_failed_attach_has_a_daemon_log_line(daemon, synthetic):
     wait_until(lambda: "refused a request from pid" in d.log, 10, "a log line for the oversized request")
     refused = [line for line in d.log.splitlines() if "attach refused" in line]
     assert len(refused) == 4 + len(unreadable), refused
-    assert any("(rank_taken) for rank 0 of job taken" in line for line in refused), refused
+    assert any(f"(rank_taken) for rank 0 of job {taken}" in line for line in refused), refused
     assert all(len(line) < 1500 for line in d.log.splitlines()), "a log line echoed a whole request"
 
 
@@ -298,7 +301,7 @@ def test_control_connections_are_capped_in_total(daemon):
 def test_an_idle_connection_is_closed_but_a_rank_waiting_for_a_slow_fill_is_not(daemon, synthetic, s3):
     with FaultProxy(upstream=s3.endpoint_url, seed=11) as proxy:
         d = daemon("control.idle_timeout_s=1", "s3.read_timeout_s=20", endpoint_url=proxy.url)
-        with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="patient", cache_size=12,
+        with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"patient-{PID}", cache_size=12,
                     prefetch_factor=0, **RAW) as stream:
             stream.next(0, 0)
             idle = connect(d)
@@ -326,7 +329,7 @@ def test_a_rank_that_leaves_while_waiting_in_next_frees_its_connection_rank_and_
         d = daemon("s3.read_timeout_s=60", endpoint_url=proxy.url)
         waiter = connect(d)
         try:
-            assert ask(waiter, "attach", dataset=synthetic.dataset, batch_size=4, job="leaver",
+            assert ask(waiter, "attach", dataset=synthetic.dataset, batch_size=4, job=f"leaver-{PID}",
                        options={"cache_size": 12, "prefetch_factor": 0, **RAW})["ok"]
             assert ask(waiter, "next", epoch=0, batch=0)["ok"]   # batch 0's 4 slots leased to it
             proxy.add_rule("stall", stall_s=30)                  # every GET from now on hangs 30 s
@@ -337,13 +340,13 @@ def test_a_rank_that_leaves_while_waiting_in_next_frees_its_connection_rank_and_
         finally:
             waiter.close()
         # The stall holds for ~30 s more: only watching the socket tells the daemon the waiter left.
-        wait_until(lambda: "left while rank 0 of job leaver waited for a batch" in d.log, 10, "the daemon to notice")
+        wait_until(lambda: f"left while rank 0 of job leaver-{PID} waited for a batch" in d.log, 10, "the daemon to notice")
         status = request("status", d.socket)
         job = status["jobs"][0]
         assert status["connections"] == 1, status["connections"]   # the one asking: the waiter's is uncounted
         assert job["ranks"]["0"] == {**job["ranks"]["0"], "connected": False, "leased": 0}, job["ranks"]
         assert job["slots"]["LEASED"] == 0 and status["inflight_requests"] > 0   # freed before the fill ended
-        with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="leaver", cache_size=12,
+        with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"leaver-{PID}", cache_size=12,
                     prefetch_factor=0, **RAW) as stream:        # the rank is free at once: no rank_taken
             assert stream.status()["jobs"][0]["ranks"]["0"]["connected"]
 
