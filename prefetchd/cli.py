@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import json
 import logging
@@ -105,6 +106,8 @@ def cmd_serve(args) -> int:
 
     config = load_config(args)
     configure_logging(config.get("log_level"))
+    # systemd's watchdog kills a hung daemon with SIGABRT: the journal then shows where every thread was.
+    faulthandler.enable()
 
     async def run() -> None:
         await Server(config).serve()  # SIGHUP re-reads the same --config and --set (Config.reread)

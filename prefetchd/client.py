@@ -31,7 +31,6 @@ from prefetchd.shm.batch_view import BatchView
 log = logging.getLogger(__name__)
 
 RECONNECT_TIMEOUT_S = float(os.environ.get("PREFETCHD_RECONNECT_TIMEOUT_S", "300"))
-RANK_RELEASE_WAIT_S = 30.0     # how long attach waits for a rank still held by a connection that went away
 
 
 @dataclass
@@ -204,27 +203,14 @@ def attach(
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     request = dict(dataset=dataset, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    local_world_size=local_world_size, job=job, options=options)
-    released_by, waiting = time.monotonic() + RANK_RELEASE_WAIT_S, False
-    while True:
-        conn = ControlConnection(socket, timeout=timeout)
-        try:
-            reply = conn.request("attach", **request)
-            break
-        except BaseException as exc:
-            conn.close()
-            code = getattr(exc, "code", None)
-            if code == ErrorCode.RANK_TAKEN and time.monotonic() < released_by:
-                # A restarted process (torchrun restarts a failed worker at once) can be faster than the
-                # daemon in noticing that its predecessor's connection is gone: wait for the rank, bounded.
-                if not waiting:
-                    log.warning("rank %d of job %s is still held by a previous connection; waiting up to %.0f s",
-                                rank, job, RANK_RELEASE_WAIT_S)
-                    waiting = True
-                time.sleep(0.2)  # polling for the rank to be released, bounded by released_by
-                continue
-            hint = unseen_local_root_hint(dataset) if code == ErrorCode.NO_ROOT else None
-            if hint:
-                raise type(exc)(hint, code=exc.code) from None
-            raise
+    conn = ControlConnection(socket, timeout=timeout)
+    try:
+        reply = conn.request("attach", **request)
+    except BaseException as exc:
+        conn.close()
+        hint = unseen_local_root_hint(dataset) if getattr(exc, "code", None) == ErrorCode.NO_ROOT else None
+        if hint:
+            raise type(exc)(hint, code=exc.code) from None
+        raise
     return Stream(conn, reply, batch_size, rank, world_size, request, reconnect_timeout_s, timeout)
 

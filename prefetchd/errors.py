@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     SHM = "shm"
     NO_DAEMON = "no_daemon"
     BUSY = "busy"                              # another daemon owns the socket
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # a cap on control connections (per peer or in total)
     FORBIDDEN = "forbidden"                    # peer credentials refused
     STOPPING = "stopping"                      # the daemon is draining
     INDEX_BUILDING = "index_building"
@@ -97,6 +98,12 @@ class DaemonBusy(PrefetchdError):
     """Another daemon already listens on the socket."""
 
     code = ErrorCode.BUSY
+
+
+class TooManyConnections(PrefetchdError):
+    """The daemon refuses another control connection: this peer (or everyone together) holds too many."""
+
+    code = ErrorCode.TOO_MANY_CONNECTIONS
 
 
 class Forbidden(PrefetchdError):

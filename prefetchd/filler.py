@@ -28,6 +28,12 @@ from prefetchd.shm.arena import Arena
 log = logging.getLogger(__name__)
 
 FILL_ATTEMPTS = 3  # whole-field attempts (each GET has its own retries) before quarantine
+FIELD_BUDGET_S = 120.0  # default of job.field_budget_s: the time a field's reads may take, all attempts together
+
+
+def over_budget(f: Field, budget_s: float) -> str:
+    return (f"no complete read of its {len(f.keys)} object(s) within job.field_budget_s={budget_s:g} s (they "
+            "stall or crawl); skipped for this job; raise job.field_budget_s if the link is this slow")
 
 
 async def fetch_channels(store: ObjectStore, f: Field) -> list[bytes]:
@@ -62,7 +68,7 @@ class Probe:
 
 
 async def probe(index: Index, store: ObjectStore, quarantine: Quarantine, pool: Executor | None = None,
-                option: ShapeOption | None = None) -> Probe:
+                option: ShapeOption | None = None, budget_s: float = FIELD_BUDGET_S) -> Probe:
     """Sample a few fields of every source (spread over its fields), read their sizes from the TIFF headers
     and decide the job's field shape from the majorities (`field_shape.decide_shape`). Unreadable samples
     are quarantined and the next field of the source tried; if none can be read, the dataset is the problem."""
@@ -73,7 +79,14 @@ async def probe(index: Index, store: ObjectStore, quarantine: Quarantine, pool: 
     loop = asyncio.get_running_loop()
 
     async def sample(f: int) -> tuple[list[bytes], list[tuple[int, int]]]:
-        blobs = await fetch_channels(store, index.fields[f])
+        try:
+            async with asyncio.timeout(budget_s if budget_s > 0 else None) as budget:
+                blobs = await fetch_channels(store, index.fields[f])
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            raise CorruptObjectError(f"{index.fields[f].id}: {over_budget(index.fields[f], budget_s)}",
+                                     code=ErrorCode.TIMEOUT) from None
         keys = list(index.fields[f].keys)
         shapes = await loop.run_in_executor(pool, field_plane_shapes, blobs, keys)
         return blobs, shapes
@@ -134,12 +147,17 @@ class Filler:
 
     A fill first asks the node-wide registry (`shared`) whether another job holds the same pixels and copies
     them if so; otherwise it GETs the channels while the plate's illumination files load from the daemon-wide
-    `illum` store, and registers as the field's holder for the other jobs."""
+    `illum` store, and registers as the field's holder for the other jobs.
+
+    A field's reads (all attempts, each GET with its own retries) get `budget_s` together: a field whose objects
+    keep stalling is quarantined then, not after attempts × retries × read timeout, so a rank waiting for it
+    waits at most that long (plus its substitute's fill). Decoding is not timed: it writes into the slot
+    from a worker thread, which a timeout could not stop."""
 
     def __init__(self, index: Index, store: ObjectStore, pool: Executor, preprocessing: Preprocessing,
                  arena: Arena, cache: SlotCache, quarantine: Quarantine, pace: Pace, on_done: Callable[[], None],
                  fit: ShapeOption | None = None, illum: IllumStore | None = None,
-                 shared: SharedFields | None = None, key_space: str = ""):
+                 shared: SharedFields | None = None, key_space: str = "", budget_s: float = FIELD_BUDGET_S):
         self.index = index
         self.fit = fit              # how a field of another size is made the slot's size (None: quarantined)
         self.store = store
@@ -150,6 +168,7 @@ class Filler:
         self.quarantine = quarantine
         self.pace = pace
         self.on_done = on_done
+        self.budget_s = budget_s
         self.illum = illum if illum is not None else IllumStore(pool)
         self.shared = shared if shared is not None else SharedFields()   # alone: no other job to share with
         self.key_space = key_space
@@ -176,6 +195,7 @@ class Filler:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         error = ""
+        deadline = loop.time() + self.budget_s if self.budget_s > 0 else None   # 0: no budget
         try:
             content = self._content(field_)
             if blobs is None and await self.shared.copy_into(content, self, self.arena.slot(slot), self.pool):
@@ -186,9 +206,16 @@ class Filler:
             for attempt in range(FILL_ATTEMPTS):
                 try:
                     illum = self._illum(field_)   # loads beside the channels' GETs
-                    if blobs is None:
-                        blobs = await fetch_channels(self.store, field_)
-                    illums = await illum
+                    try:
+                        async with asyncio.timeout_at(deadline) as budget:
+                            if blobs is None:
+                                blobs = await fetch_channels(self.store, field_)
+                            illums = await illum
+                    except TimeoutError:
+                        if not budget.expired():
+                            raise
+                        error = over_budget(field_, self.budget_s)
+                        break
                     await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
                                                self.arena.slot(slot), list(field_.keys), self.fit)
                     self.fields_fetched += 1

@@ -22,7 +22,7 @@ from prefetchd.cache import SlotCache
 from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
 from prefetchd.field_shape import ShapeDecision
-from prefetchd.filler import Filler, probe
+from prefetchd.filler import FIELD_BUDGET_S, Filler, probe
 from prefetchd.illum import IllumStore
 from prefetchd.index import Index
 from prefetchd.pace import Pace
@@ -90,7 +90,7 @@ class Job:
     def __init__(self, spec: JobSpec, index: Index, store: ObjectStore, pool: Executor, *,
                  max_fills: int, local_world_size: int, shm_mode: int = 0o600, shm_gid: int | None = None,
                  shm_budget: int = 0, illum: IllumStore | None = None, shared: SharedFields | None = None,
-                 key_space: str = ""):
+                 key_space: str = "", field_budget_s: float = FIELD_BUDGET_S):
         self.spec = spec
         self._node = (illum, shared, key_space)   # what this job shares with the daemon's other jobs
         self.index = index
@@ -98,6 +98,7 @@ class Job:
         self.pool = pool
         self.max_fills = max_fills
         self.local_world_size = local_world_size
+        self.field_budget_s = field_budget_s
         self._shm = (shm_mode, shm_gid, shm_budget)
         self.ranks: dict[int, RankState] = {}
         self.stats = JobStats()
@@ -136,7 +137,8 @@ class Job:
                 f"= ({s.prefetch_factor} + 1) × {s.batch_size} × {self.local_world_size} = {needed}: "
                 f"raise cache_size to at least {needed} or lower prefetch_factor/batch_size"
             )
-        sampled = await probe(self.index, self.store, self.quarantine, self.pool, s.shape)
+        sampled = await probe(self.index, self.store, self.quarantine, self.pool, s.shape,
+                              self.field_budget_s)
         self.field_shape = sampled.decision
         log.info("job %s fields are %s: %s", s.job, "×".join(map(str, sampled.decision.size)),
                  "; ".join(sampled.decision.groups))
@@ -147,7 +149,7 @@ class Job:
         illum, shared, key_space = self._node
         self.filler = Filler(self.index, self.store, self.pool, s.preprocessing, self.arena, self.cache,
                              self.quarantine, self.pace, on_done=self._slots_changed, fit=sampled.decision.option,
-                             illum=illum, shared=shared, key_space=key_space)
+                             illum=illum, shared=shared, key_space=key_space, budget_s=self.field_budget_s)
         self.planner = make_planner(s.policy, batch_size=s.batch_size, cache_size=s.cache_size,
                                     prefetch_factor=s.prefetch_factor, max_fills=self.max_fills, ranks=self.ranks,
                                     timeline=self.timeline, cache=self.cache, filler=self.filler, pace=self.pace)
@@ -217,9 +219,18 @@ class Job:
 
     # ---- serving ---------------------------------------------------------------------------
 
+    async def orders_ready(self, rank: int, epoch: int) -> None:
+        """Compute the schedules of `epoch` and the next (what the horizon reads) off the event loop: a
+        permutation of millions of fields takes most of a second, and other jobs' ranks are waiting."""
+        loop = asyncio.get_running_loop()
+        for e in (epoch, epoch + 1):
+            if not self.timeline.has(rank, e):
+                self.timeline.put(rank, e, await loop.run_in_executor(self.pool, self.timeline.compute, rank, e))
+
     async def next_batch(self, rank: int, epoch: int, batch: int) -> Served | EpochEnd:
         state = self.ranks[rank]
         state.asked()
+        await self.orders_ready(rank, epoch + 1 if batch >= self.batches_per_epoch else epoch)
         self._release_all(state)
         if batch >= self.batches_per_epoch:
             state.epoch, state.position = epoch + 1, 0

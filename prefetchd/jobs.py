@@ -21,6 +21,7 @@ from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job
 from prefetchd.options import JobSpec
 from prefetchd.options import AttachOptions, resolve_options
+from prefetchd.reachability import check_endpoint_answers
 from prefetchd.shared_fields import SharedFields
 from prefetchd.shm.arena import SlotState
 from prefetchd.stores import Stores
@@ -63,11 +64,13 @@ class Jobs:
         self._starts[job_spec.job] = future
         job = None
         try:
+            await check_endpoint_answers(spec, self.indexes.s3cfg)
             index = await self.indexes.get(spec)
             job = Job(job_spec, index, self.stores.for_dataset(spec), self.pool,
                       max_fills=max(4, int(config.get("s3.max_concurrency")) // max(1, len(spec.channels))),
                       local_world_size=local_world_size, illum=self.illum, shared=self.shared,
-                      key_space=spec.storage.key_space(self.stores.endpoint), **_shm_settings(config))
+                      key_space=spec.storage.key_space(self.stores.endpoint),
+                      field_budget_s=float(config.get("job.field_budget_s")), **_shm_settings(config))
             await job.start()
             self.running[job_spec.job] = job
             future.set_result(job)

@@ -32,6 +32,7 @@ COUNTERS = {
     "illum_gets": ("prefetchd_illum_gets", "GET requests for illumination files (of prefetchd_gets)", True),
     "illum_bytes_fetched": ("prefetchd_illum_fetched_bytes", "Illumination bytes read from the object store", True),
     "fields_shared": ("prefetchd_fields_shared", "Fields a job copied from another job's arena instead of GETs", True),
+    "connections_refused": ("prefetchd_connections_refused", "Control connections refused by the connection caps", True),
 }
 # status["illum"] key -> (metric name, help, counter?): the daemon-wide illumination store (prefetchd/illum.py)
 ILLUM = {
@@ -45,6 +46,7 @@ GAUGES = {
     "hit_rate": ("prefetchd_hit_rate", "Cache hits / fields served"),
     "inflight_requests": ("prefetchd_inflight_requests", "GETs in flight"),
     "shm_bytes": ("prefetchd_shm_bytes", "Shared memory held by arenas"),
+    "connections": ("prefetchd_connections", "Control connections open (attached ranks and others)"),
 }
 # status key in MB/s (10^6 bytes) -> metric in bytes per second, Prometheus' base unit
 RATES = {

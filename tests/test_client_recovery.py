@@ -151,8 +151,9 @@ s.next(0, 5)  # every GET stalls now: waits here until killed
 
 
 def test_a_trainer_restarted_at_once_gets_its_rank_back(daemon, synthetic, s3):
-    """torchrun restarts a killed worker within seconds; the daemon may not have noticed the old connection
-    go (it was waiting inside `next` for that rank), so the new attach waits for the rank instead of failing."""
+    """torchrun restarts a killed worker within seconds. The daemon notices the old connection go even while
+    it waits inside `next` for that rank's batch, so the new attach gets the rank at once (no wait, no
+    rank_taken)."""
     from faultproxy import FaultProxy
 
     from conftest import _daemon_env
@@ -172,6 +173,9 @@ def test_a_trainer_restarted_at_once_gets_its_rank_back(daemon, synthetic, s3):
             if holder.poll() is None:
                 holder.kill()
             holder.stdout.close()
+        # The stall holds for 30 s more: only watching the connection tells the daemon the rank is free.
+        wait_until(lambda: f"left while rank 0 of job {job} waited for a batch" in d.log, 10,
+                   "the daemon to notice the killed rank")
         proxy.clear()
         with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=job, cache_size=12, prefetch_factor=1,
                     **RAW) as stream:
@@ -180,10 +184,7 @@ def test_a_trainer_restarted_at_once_gets_its_rank_back(daemon, synthetic, s3):
             assert [source.identify(f).field for f in batch.images] == batch.ids
 
 
-def test_two_live_processes_with_the_same_rank_still_get_rank_taken(daemon, synthetic, monkeypatch):
-    import prefetchd.client
-
-    monkeypatch.setattr(prefetchd.client, "RANK_RELEASE_WAIT_S", 1.0)
+def test_two_live_processes_with_the_same_rank_still_get_rank_taken(daemon, synthetic):
     d = daemon()
     opts = dict(batch_size=2, socket=d.socket, job=f"twice-{os.getpid()}", cache_size=12, **RAW)
     with attach(synthetic.dataset, **opts):
