@@ -230,7 +230,8 @@ def judge(received: dict[str, dict[int, list[dict]]], all_ids: set[str], epochs:
 
 
 def part_illum(plan: Plan, workdir: Path, log) -> dict[str, Any]:
-    from bench.scale_data import ensure_plates, many_plates_spec
+    from bench.scale_data import ensure_plates
+    from prefetchd.dev.synth import many_plates_spec
 
     spec = many_plates_spec(plan.illum_plates, 2, plan.illum_wells, plan.illum_sites, plan.size)
     manifest = ensure_plates(workdir, spec)
@@ -282,8 +283,9 @@ def rank_order(n: int, seed: int, epoch: int, world_size: int, batch_size: int) 
 
 
 def part_rehearsal(plan: Plan, workdir: Path, log) -> dict[str, Any]:
-    from bench.scale_data import ensure_plates, many_plates_spec
+    from bench.scale_data import ensure_plates
     from prefetchd.bounds import simulate
+    from prefetchd.dev.synth import many_plates_spec
     from prefetchd.policy import Policy
 
     spec = many_plates_spec(plan.plates, plan.batches, plan.wells, plan.sites, plan.size)
