@@ -209,14 +209,18 @@ def run_jobs(stage: Stage, jobs: list[str], world_size: int, run: dict, demand: 
 
 
 def judge(received: dict[str, dict[int, list[dict]]], all_ids: set[str], epochs: int) -> dict[str, Any]:
-    """Per job and epoch: every field exactly once over the ranks; across jobs: the same pixels per field."""
+    """Per job and epoch: every field exactly once over the ranks, counted both by the ids in the replies and by
+    the pixels received (as many distinct digests as fields); across jobs: the same pixels per field."""
     problems: list[str] = []
     digest_of: dict[str, str] = {}
     for job, ranks in received.items():
         for e in range(epochs):
-            got = [i for batches in ranks.values() for b in batches if b["epoch"] == e for i in b["ids"]]
-            if sorted(got) != sorted(all_ids):
-                problems.append(f"{job} epoch {e}: {len(got)} fields, {len(set(got))} distinct of {len(all_ids)}")
+            got = [(i, d) for batches in ranks.values() for b in batches if b["epoch"] == e
+                   for i, d in zip(b["ids"], b["digests"])]
+            ids, pixels = sorted(i for i, _ in got), {d for _, d in got}
+            if ids != sorted(all_ids) or len(pixels) != len(all_ids):
+                problems.append(f"{job} epoch {e}: {len(got)} fields, {len(set(ids))} distinct ids and "
+                                f"{len(pixels)} distinct pixels of {len(all_ids)}")
         for batches in ranks.values():
             for b in batches:
                 for i, d in zip(b["ids"], b["digests"]):
