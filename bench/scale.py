@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,10 +146,10 @@ class Stage:
         self.s3 = LocalS3().start()
         synth.upload(self.manifest, self.s3.endpoint_url, self.bucket)
         self.proxy = LatencyProxy(self.s3.endpoint_url, self.latency_ms).start()
-        run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))
-        self.socket = run / "p.sock"
+        self.run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))   # the socket and index cache
+        self.socket = self.run / "p.sock"
         self.daemon = DaemonProcess(self.socket, [f"s3.endpoint_url={self.proxy.endpoint_url}",
-                                                  f"cache_dir={run / 'cache'}", "s3.verify_md5=false",
+                                                  f"cache_dir={self.run / 'cache'}", "s3.verify_md5=false",
                                                   *self.overrides], log_path=self.workdir / "daemon.log").start()
         return self
 
@@ -165,6 +166,7 @@ class Stage:
         self.daemon.stop()
         self.proxy.stop()
         self.s3.stop()
+        shutil.rmtree(self.run, ignore_errors=True)
 
 
 def run_jobs(stage: Stage, jobs: list[str], world_size: int, run: dict, demand: tuple[float, ...],
@@ -375,8 +377,8 @@ def part_index(plan: Plan, workdir: Path, log) -> dict[str, Any]:
         f"{time.monotonic() - started:.1f} s")
     dataset = f"JUMPS3MultiView:bucket=cellpainting-gallery:prefix={CPG0000_PREFIX}:index={keys}"
     result: dict[str, Any] = {"keys": lines}
-    with AnyKeyServer(tiff, npy) as server:
-        run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))
+    with AnyKeyServer(tiff, npy) as server, tempfile.TemporaryDirectory(prefix="pfd-scale-", dir="/tmp") as tmp:
+        run = Path(tmp)   # the socket and the index cache both phases share
         for phase in ("cold", "warm"):   # warm: a restarted daemon reads the index from its on-disk cache
             with DaemonProcess(run / "p.sock", [f"s3.endpoint_url={server.endpoint_url}", f"cache_dir={run / 'cache'}",
                                                 "s3.verify_md5=false", "index.wait_s=1800"],
