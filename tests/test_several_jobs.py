@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import random
+import selectors
 import subprocess
 import sys
 import urllib.request
@@ -30,7 +32,7 @@ from prefetchd.dev import synth
 from prefetchd.errors import ConfigError
 from prefetchd.job_id import job_id_for
 
-from conftest import REPO_ROOT, wait_until
+from conftest import REPO_ROOT, free_port, wait_until
 from faultproxy import FaultProxy
 
 PIX = {"illum": True, "rescale": False, "clahe": False}   # illumination applied; signatures survive it
@@ -150,8 +152,6 @@ class Ranks:
 
 def _readline(proc: subprocess.Popen, timeout_s: float) -> str:
     """A line from the process's stdout, or "" if it exits or `timeout_s` passes first."""
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout_s):
@@ -178,8 +178,6 @@ def scrape(port: int) -> dict[str, float]:
 
 def read_epochs(data, socket: Path, job: str, seed: int, epochs: int, cache_size: int) -> dict:
     """One rank in this process: what it received, recorded as `rank_process.py` records it."""
-    import hashlib
-
     with attach(data.dataset, batch_size=4, seed=seed, socket=socket, job=job, cache_size=cache_size, **PIX) as s:
         return {"batches": [{"epoch": e, "ids": b.ids, "signatures": b.images[:, :, 0, :5].tolist(),
                              "digests": [hashlib.blake2b(f.tobytes(), digest_size=16).hexdigest() for f in b.images]}
@@ -187,7 +185,7 @@ def read_epochs(data, socket: Path, job: str, seed: int, epochs: int, cache_size
 
 
 def test_illumination_is_fetched_once_per_plate_for_all_jobs(daemon, many_plates, proxy):
-    port = _free_port()
+    port = free_port()
     d = daemon(f"metrics.port={port}", endpoint_url=proxy.url)
     n, plates = many_plates.spec.field_count, len(many_plates.spec.plates)
     for job, seed in (("first", 1), ("second", 2)):   # two jobs, each two epochs in its own random order
@@ -393,11 +391,3 @@ def test_eight_ranks_in_separate_processes_each_at_its_own_pace(daemon, many_pla
     waits = {r["rank"]: max(b["waited_s"] for b in r["batches"]) for r in records}
     assert max(waits.values()) < 30, f"a rank waited {max(waits.values()):.1f} s for one batch: {waits}"
     assert abs(sum(s["stall_s"] for s in job["ranks"].values()) - job["stall_s"]) < 1e-6
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
