@@ -17,6 +17,7 @@ import json
 import os
 import random
 import selectors
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -293,6 +294,24 @@ def test_two_identical_single_process_runs_side_by_side_both_complete(daemon, ma
     assert first["job"] != second["job"]
     judge([first], many_plates.spec, 1)
     judge([second], many_plates.spec, 1)
+
+
+def test_raw_protocol_clients_without_a_job_id_are_jobs_of_their_own(daemon, many_plates):
+    d = daemon()
+    attach_line = json.dumps({"op": "attach", "dataset": many_plates.dataset, "batch_size": 4, "seed": 0,
+                              "rank": 0, "world_size": 1, "options": {"cache_size": 12, **PIX}}).encode() + b"\n"
+    with contextlib.ExitStack() as stack:
+        replies = []
+        for _ in range(2):   # the same request twice, no job id: two runs side by side
+            conn = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            conn.settimeout(60)
+            conn.connect(str(d.socket))
+            conn.sendall(attach_line)
+            replies.append(json.loads(stack.enter_context(conn.makefile("rb")).readline()))
+        assert [r["ok"] for r in replies] == [True, True], replies
+        assert replies[0]["job"] != replies[1]["job"]
+        jobs = {j["job"] for j in request("status", d.socket, timeout=30)["jobs"]}
+        assert {replies[0]["job"], replies[1]["job"]} <= jobs
 
 
 def test_job_ids_follow_the_launcher():
