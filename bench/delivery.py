@@ -6,7 +6,7 @@ field is identified from its own pixels and compared with an independent decode 
 
 - `SourceFields` decodes every source field once with the job's preprocessing and keys it by a digest of
   its pixels, so any delivered field maps back to exactly one source field, or to none (wrong pixels).
-  Raw fields are also identified by the signature that `prefetchd.synth` writes into row 0 of every
+  Raw fields are also identified by the signature that `prefetchd.dev.synth` writes into row 0 of every
   channel, a second, independent reading of who they are.
 - `Tally` collects what every rank received per (epoch, batch) and counts, per complete epoch, the fields
   lost, duplicated, delivered with wrong pixels, or delivered under another field's id.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,10 +31,7 @@ import numpy as np
 import tifffile
 
 from prefetchd.channels import PHENIX_CHANNELS
-
-SIGNATURE_LENGTH = 5       # prefetchd.synth: plate code, row, column, site, channel number in row 0
-SIGNATURE_OFFSET = 1000
-PLATE_CODE_RANGE = 64000
+from prefetchd.dev import synth
 
 
 def digest(pixels: np.ndarray) -> str:
@@ -43,14 +39,10 @@ def digest(pixels: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=16).hexdigest()
 
 
-def read_signature(channel: np.ndarray) -> tuple[int, ...]:
-    """(plate code, row, column, site, Phenix channel) from the first pixels of row 0 of a raw channel."""
-    return tuple(int(v) - SIGNATURE_OFFSET for v in np.asarray(channel)[0, :SIGNATURE_LENGTH])
-
-
 def signatures(pixels: np.ndarray) -> list[tuple[int, ...]]:
-    """The signature of every channel of one delivered field (C×H×W)."""
-    return [read_signature(channel) for channel in pixels]
+    """The row-0 signature of every channel of one delivered field (C×H×W): (plate code, row, column, site,
+    Phenix channel), as `prefetchd.dev.synth` writes it."""
+    return [tuple(synth.decode_signature(channel)) for channel in pixels]
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ class SourceFields:
     def _plate_codes(fields: Iterable[Any]) -> dict[int, str]:
         codes: dict[int, str] = {}
         for f in fields:
-            code = zlib.crc32(f.plate.encode()) % PLATE_CODE_RANGE
+            code = synth.plate_code(f.plate)
             if codes.setdefault(code, f.plate) != f.plate:
                 raise ValueError(f"plates {codes[code]} and {f.plate} share a signature code")
         return codes
@@ -147,20 +139,6 @@ class SourceFields:
             return Identity(found)
         sig = self.signature_id(channel_signatures) if channel_signatures is not None else None
         return Identity(found, sig, signed=True)
-
-    def first_difference(self, field_id: str, pixels: np.ndarray) -> str:
-        """For a failure message: where delivered pixels differ from the source field `field_id`."""
-        expected = self.expected.get(field_id)
-        if expected is None:
-            return f"{field_id} is not a source field"
-        if expected.shape != pixels.shape:
-            return f"shape {pixels.shape} != source {expected.shape}"
-        diff = np.argwhere(expected != pixels)
-        if not len(diff):
-            return "identical"
-        c, y, x = diff[0]
-        return (f"{len(diff)} pixels differ, first at channel {self.channels[c]} ({y}, {x}): "
-                f"{int(pixels[c, y, x])} != {int(expected[c, y, x])}")
 
 
 @dataclass

@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,10 +146,10 @@ class Stage:
         self.s3 = LocalS3().start()
         synth.upload(self.manifest, self.s3.endpoint_url, self.bucket)
         self.proxy = LatencyProxy(self.s3.endpoint_url, self.latency_ms).start()
-        run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))
-        self.socket = run / "p.sock"
+        self.run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))   # the socket and index cache
+        self.socket = self.run / "p.sock"
         self.daemon = DaemonProcess(self.socket, [f"s3.endpoint_url={self.proxy.endpoint_url}",
-                                                  f"cache_dir={run / 'cache'}", "s3.verify_md5=false",
+                                                  f"cache_dir={self.run / 'cache'}", "s3.verify_md5=false",
                                                   *self.overrides], log_path=self.workdir / "daemon.log").start()
         return self
 
@@ -165,6 +166,7 @@ class Stage:
         self.daemon.stop()
         self.proxy.stop()
         self.s3.stop()
+        shutil.rmtree(self.run, ignore_errors=True)
 
 
 def run_jobs(stage: Stage, jobs: list[str], world_size: int, run: dict, demand: tuple[float, ...],
@@ -209,14 +211,18 @@ def run_jobs(stage: Stage, jobs: list[str], world_size: int, run: dict, demand: 
 
 
 def judge(received: dict[str, dict[int, list[dict]]], all_ids: set[str], epochs: int) -> dict[str, Any]:
-    """Per job and epoch: every field exactly once over the ranks; across jobs: the same pixels per field."""
+    """Per job and epoch: every field exactly once over the ranks, counted both by the ids in the replies and by
+    the pixels received (as many distinct digests as fields); across jobs: the same pixels per field."""
     problems: list[str] = []
     digest_of: dict[str, str] = {}
     for job, ranks in received.items():
         for e in range(epochs):
-            got = [i for batches in ranks.values() for b in batches if b["epoch"] == e for i in b["ids"]]
-            if sorted(got) != sorted(all_ids):
-                problems.append(f"{job} epoch {e}: {len(got)} fields, {len(set(got))} distinct of {len(all_ids)}")
+            got = [(i, d) for batches in ranks.values() for b in batches if b["epoch"] == e
+                   for i, d in zip(b["ids"], b["digests"])]
+            ids, pixels = sorted(i for i, _ in got), {d for _, d in got}
+            if ids != sorted(all_ids) or len(pixels) != len(all_ids):
+                problems.append(f"{job} epoch {e}: {len(got)} fields, {len(set(ids))} distinct ids and "
+                                f"{len(pixels)} distinct pixels of {len(all_ids)}")
         for batches in ranks.values():
             for b in batches:
                 for i, d in zip(b["ids"], b["digests"]):
@@ -230,7 +236,8 @@ def judge(received: dict[str, dict[int, list[dict]]], all_ids: set[str], epochs:
 
 
 def part_illum(plan: Plan, workdir: Path, log) -> dict[str, Any]:
-    from bench.scale_data import ensure_plates, many_plates_spec
+    from bench.scale_data import ensure_plates
+    from prefetchd.dev.synth import many_plates_spec
 
     spec = many_plates_spec(plan.illum_plates, 2, plan.illum_wells, plan.illum_sites, plan.size)
     manifest = ensure_plates(workdir, spec)
@@ -282,8 +289,9 @@ def rank_order(n: int, seed: int, epoch: int, world_size: int, batch_size: int) 
 
 
 def part_rehearsal(plan: Plan, workdir: Path, log) -> dict[str, Any]:
-    from bench.scale_data import ensure_plates, many_plates_spec
+    from bench.scale_data import ensure_plates
     from prefetchd.bounds import simulate
+    from prefetchd.dev.synth import many_plates_spec
     from prefetchd.policy import Policy
 
     spec = many_plates_spec(plan.plates, plan.batches, plan.wells, plan.sites, plan.size)
@@ -369,8 +377,8 @@ def part_index(plan: Plan, workdir: Path, log) -> dict[str, Any]:
         f"{time.monotonic() - started:.1f} s")
     dataset = f"JUMPS3MultiView:bucket=cellpainting-gallery:prefix={CPG0000_PREFIX}:index={keys}"
     result: dict[str, Any] = {"keys": lines}
-    with AnyKeyServer(tiff, npy) as server:
-        run = Path(tempfile.mkdtemp(prefix="pfd-scale-", dir="/tmp"))
+    with AnyKeyServer(tiff, npy) as server, tempfile.TemporaryDirectory(prefix="pfd-scale-", dir="/tmp") as tmp:
+        run = Path(tmp)   # the socket and the index cache both phases share
         for phase in ("cold", "warm"):   # warm: a restarted daemon reads the index from its on-disk cache
             with DaemonProcess(run / "p.sock", [f"s3.endpoint_url={server.endpoint_url}", f"cache_dir={run / 'cache'}",
                                                 "s3.verify_md5=false", "index.wait_s=1800"],

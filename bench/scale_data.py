@@ -1,7 +1,7 @@
 """Data for the scale rehearsal (`bench/scale.py`): synthetic plates with the real key layout at many plates and
 batches, and a keys file of full cpg0000 size served by a loopback server that answers any key.
 
-    spec = many_plates_spec(plates=48, batches=2, wells=4, sites=2, size=256)
+    spec = synth.many_plates_spec(plates=48, batches=2, wells=4, sites=2, height=256)
     manifest = ensure_plates(workdir, spec)          # written once, reused by later runs
     with AnyKeyServer(template_tiff, template_npy) as server: ...   # GET of any *.tiff / *.npy key
 """
@@ -18,12 +18,7 @@ import tifffile
 
 from prefetchd.dev import synth
 
-BATCH_NAMES = synth.BATCH_NAMES
 CPG0000_PREFIX = "cpg0000-jump-pilot/source_4/images"
-
-
-def many_plates_spec(plates: int, batches: int, wells: int, sites: int, size: int, seed: int = 0) -> synth.SynthSpec:
-    return synth.many_plates_spec(plates, batches, wells, sites, size, seed=seed)
 
 
 def ensure_plates(data_root: Path, spec: synth.SynthSpec) -> synth.SynthManifest:
@@ -47,7 +42,7 @@ def write_cpg0000_keys(path: Path, plates: int, object_size: int, channels: int 
     images = illum = 0
     with open(path, "w") as out:
         for p in range(plates):
-            batch = BATCH_NAMES[p % len(BATCH_NAMES)]
+            batch = synth.BATCH_NAMES[p % len(synth.BATCH_NAMES)]
             barcode = f"BR{p:08d}"
             folder = f"{CPG0000_PREFIX}/{batch}/images/{barcode}__2020-11-05T19_51_35-Measurement1/Images"
             lines = []

@@ -126,6 +126,11 @@ class ShapeDecision:
     groups: tuple[str, ...]               # per source, what was found (for the log and status)
 
 
+# What to change when a source's fields cannot be made shape.size in this mode.
+UNFIT_FIX = {FitMode.CROP: "lower shape.size or use mode 'pad' or 'crop_or_pad'",
+             FitMode.PAD: "raise shape.size or use mode 'crop' or 'crop_or_pad'"}
+
+
 def decide_shape(groups: list[GroupSample], option: ShapeOption | None) -> ShapeDecision:
     """The (H, W) of the job's slots, or a one-line error naming the sizes found per source."""
     found = {g.name: g.shape for g in groups if g.shape is not None}
@@ -146,16 +151,10 @@ def decide_shape(groups: list[GroupSample], option: ShapeOption | None) -> Shape
     if size is None:
         pick = min if option.mode is FitMode.CROP else max
         size = (pick(s[0] for s in sizes), pick(s[1] for s in sizes))
-    if option.mode is FitMode.CROP:
-        small = {n: s for n, s in found.items() if s[0] < size[0] or s[1] < size[1]}
-        if small:
-            raise DatasetError(f"shape.mode crop cannot make {_text(size)} fields of {_per_source(small)}: "
-                               "lower shape.size or use mode 'pad' or 'crop_or_pad'", code=ErrorCode.MIXED_SHAPES)
-    if option.mode is FitMode.PAD:
-        large = {n: s for n, s in found.items() if s[0] > size[0] or s[1] > size[1]}
-        if large:
-            raise DatasetError(f"shape.mode pad cannot make {_text(size)} fields of {_per_source(large)}: "
-                               "raise shape.size or use mode 'crop' or 'crop_or_pad'", code=ErrorCode.MIXED_SHAPES)
+    unfit = {n: s for n, s in found.items() if misfit(s, size, option)}   # crop: smaller; pad: larger
+    if unfit:
+        raise DatasetError(f"shape.mode {option.mode} cannot make {_text(size)} fields of {_per_source(unfit)}: "
+                           f"{UNFIT_FIX[option.mode]}", code=ErrorCode.MIXED_SHAPES)
     return ShapeDecision(size, option, described)
 
 

@@ -36,7 +36,6 @@ from prefetchd.s3 import resolve_endpoint
 from prefetchd.selection import PlateFilter, check_plate_types, explain_empty, plate_mask, well_mask
 from prefetchd.storage_errors import classify_storage_error
 
-LAYOUT_EXAMPLE = LAYOUT_EXAMPLES
 __all__ = ["Field", "FieldTable", "GroupSummary", "Index", "build_index", "cli_index", "collect_catalog",
            "index_summary", "select_index"]
 
@@ -183,7 +182,7 @@ def _check_not_empty(catalog: Catalog, spec: DatasetSpec, source: str | None) ->
     if len(catalog) == 0:
         examples = ", ".join(catalog.unparsed_examples[:3])
         raise EmptyDatasetError(f"none of the {catalog.keys_seen} keys under {where} match a JUMP image "
-                                f"layout ({LAYOUT_EXAMPLE}); examples: {examples}")
+                                f"layout ({LAYOUT_EXAMPLES}); examples: {examples}")
 
 
 def _check_has_fields(index: Index, spec: DatasetSpec) -> None:

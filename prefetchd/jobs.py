@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import Executor
 from typing import Any
 
@@ -137,6 +138,12 @@ def job_spec_for(dataset: str, batch_size: int, seed: int, world_size: int, job:
 
 
 def _default_job_id(spec: DatasetSpec, seed: int, world_size: int, batch_size: int, opts: AttachOptions) -> str:
+    """A request that names no job (a raw protocol client; `prefetchd.client` always sends one).
+
+    A single process is a job of its own, as in the client's rule (`job_id.py`), so two such runs side by side
+    never collide; the ranks of a larger world can only be told together by their arguments."""
+    if world_size == 1:
+        return uuid.uuid4().hex[:12]
     text = f"{spec.text}|{seed}|{world_size}|{batch_size}|{opts}"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 

@@ -101,6 +101,13 @@ def many_plates(s3, tmp_path_factory) -> Synthetic:
 # The daemon, as users run it: `python -m prefetchd serve ...` in its own process.
 
 
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (at the moment of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shm_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("prefetchd-*")}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
-import socket
 import types
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from prefetchd.errors import EmptyDatasetError, StorageError
 from prefetchd.index import build_index, cli_index
 from prefetchd.index_cache import cache_file, cache_write_message
 from prefetchd.storage_errors import classify_storage_error
+
+from conftest import free_port
 
 PREFIX = "cpg0000-jump-pilot/source_4/images"
 B1, B2 = "2020_11_04_CPJUMP1", "2020_11_18_CPJUMP1_TimepointDay1"
@@ -282,11 +283,6 @@ async def test_local_walk_matches_list(bucket, s3cfg, tmp_path):
 
 # ---- errors: one line that says what to change ---------------------------------------------------
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 async def test_dns_failure_names_the_host(tmp_path, s3cfg):
     cfg = {**s3cfg, "endpoint_url": "http://nonexistent.invalid:9000"}
@@ -297,7 +293,7 @@ async def test_dns_failure_names_the_host(tmp_path, s3cfg):
 
 
 async def test_connection_refused_names_the_endpoint(tmp_path, s3cfg):
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError) as caught:
         await build_index(spec_for("jump-index"), {**s3cfg, "endpoint_url": url}, tmp_path)
     assert caught.value.code == "connection_refused"
@@ -372,7 +368,7 @@ def test_cli_index_keys_file_fills_the_datasets_cache(bucket, s3, tmp_path, caps
 def test_cli_index_error_is_one_line(tmp_path, capsys):
     config = Config.load(overrides=[f"cache_dir={tmp_path}", "s3.retries=0"])
     args = types.SimpleNamespace(dataset=spec_for("jump-index").text,
-                                 endpoint_url=f"http://127.0.0.1:{closed_port()}", keys_file=None, refresh=True)
+                                 endpoint_url=f"http://127.0.0.1:{free_port()}", keys_file=None, refresh=True)
     assert cli_index(args, config) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: connection refused") and err.count("\n") == 1

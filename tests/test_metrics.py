@@ -13,13 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prefetchd.client import attach
 from prefetchd.control import request
 
+from conftest import free_port, wait_until
+from faultproxy import FaultProxy
+
 RAW = {"illum": False, "clahe": False, "rescale": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -77,10 +74,6 @@ def test_metrics_are_off_by_default(daemon):
 
 def test_quarantine_is_a_counter_and_a_gauge_that_drops_when_the_job_closes(daemon, synthetic, s3):
     """Alert on `increase(prefetchd_quarantined_fields_total[1h]) > 0`; the gauge shows what is quarantined now."""
-    from faultproxy import FaultProxy
-
-    from conftest import wait_until
-
     port = free_port()
     with FaultProxy(upstream=s3.endpoint_url, seed=3) as proxy:
         d = daemon(f"metrics.port={port}", "job.idle_timeout_s=0.5", "s3.retries=1", endpoint_url=proxy.url)

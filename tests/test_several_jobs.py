@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import random
+import selectors
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -30,7 +33,7 @@ from prefetchd.dev import synth
 from prefetchd.errors import ConfigError
 from prefetchd.job_id import job_id_for
 
-from conftest import REPO_ROOT, wait_until
+from conftest import REPO_ROOT, free_port, wait_until
 from faultproxy import FaultProxy
 
 PIX = {"illum": True, "rescale": False, "clahe": False}   # illumination applied; signatures survive it
@@ -150,8 +153,6 @@ class Ranks:
 
 def _readline(proc: subprocess.Popen, timeout_s: float) -> str:
     """A line from the process's stdout, or "" if it exits or `timeout_s` passes first."""
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout_s):
@@ -178,8 +179,6 @@ def scrape(port: int) -> dict[str, float]:
 
 def read_epochs(data, socket: Path, job: str, seed: int, epochs: int, cache_size: int) -> dict:
     """One rank in this process: what it received, recorded as `rank_process.py` records it."""
-    import hashlib
-
     with attach(data.dataset, batch_size=4, seed=seed, socket=socket, job=job, cache_size=cache_size, **PIX) as s:
         return {"batches": [{"epoch": e, "ids": b.ids, "signatures": b.images[:, :, 0, :5].tolist(),
                              "digests": [hashlib.blake2b(f.tobytes(), digest_size=16).hexdigest() for f in b.images]}
@@ -187,7 +186,7 @@ def read_epochs(data, socket: Path, job: str, seed: int, epochs: int, cache_size
 
 
 def test_illumination_is_fetched_once_per_plate_for_all_jobs(daemon, many_plates, proxy):
-    port = _free_port()
+    port = free_port()
     d = daemon(f"metrics.port={port}", endpoint_url=proxy.url)
     n, plates = many_plates.spec.field_count, len(many_plates.spec.plates)
     for job, seed in (("first", 1), ("second", 2)):   # two jobs, each two epochs in its own random order
@@ -297,6 +296,24 @@ def test_two_identical_single_process_runs_side_by_side_both_complete(daemon, ma
     judge([second], many_plates.spec, 1)
 
 
+def test_raw_protocol_clients_without_a_job_id_are_jobs_of_their_own(daemon, many_plates):
+    d = daemon()
+    attach_line = json.dumps({"op": "attach", "dataset": many_plates.dataset, "batch_size": 4, "seed": 0,
+                              "rank": 0, "world_size": 1, "options": {"cache_size": 12, **PIX}}).encode() + b"\n"
+    with contextlib.ExitStack() as stack:
+        replies = []
+        for _ in range(2):   # the same request twice, no job id: two runs side by side
+            conn = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            conn.settimeout(60)
+            conn.connect(str(d.socket))
+            conn.sendall(attach_line)
+            replies.append(json.loads(stack.enter_context(conn.makefile("rb")).readline()))
+        assert [r["ok"] for r in replies] == [True, True], replies
+        assert replies[0]["job"] != replies[1]["job"]
+        jobs = {j["job"] for j in request("status", d.socket, timeout=30)["jobs"]}
+        assert {replies[0]["job"], replies[1]["job"]} <= jobs
+
+
 def test_job_ids_follow_the_launcher():
     same = dict(dataset="JUMPLocal:root=/x", batch_size=4, seed=0, options={})
     static = {"TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
@@ -393,11 +410,3 @@ def test_eight_ranks_in_separate_processes_each_at_its_own_pace(daemon, many_pla
     waits = {r["rank"]: max(b["waited_s"] for b in r["batches"]) for r in records}
     assert max(waits.values()) < 30, f"a rank waited {max(waits.values()):.1f} s for one batch: {waits}"
     assert abs(sum(s["stall_s"] for s in job["ranks"].values()) - job["stall_s"]) < 1e-6
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -256,7 +256,7 @@ class TrainLoop:
         images = normalize_per_channel(images_to_device_with_clahe(batch.images, self.device, self.device_clahe))
         generator = step_generator(self.train_cfg["seed"], self.rank, iteration)
         crops = self.augment(images, generator, samples_per_field=self.train_cfg["samples_per_field"],
-                             pixel_size_um=getattr(batch, "pixel_size_um", None))
+                             pixel_size_um=batch.pixel_size_um)
         del images
         if self.mask_generator is not None:
             ibot = self.cfg["ibot"]
@@ -337,10 +337,8 @@ def skip_trained(batch, skip: int):
         return batch, 1.0
     if skip >= len(batch.ids):
         return batch, 0.0
-    kept = replace(batch, ids=batch.ids[skip:], images=batch.images[skip:])
-    if getattr(batch, "pixel_size_um", None) is not None:
-        kept.pixel_size_um = batch.pixel_size_um[skip:]
-    return kept, 1.0
+    pixel_size_um = None if batch.pixel_size_um is None else batch.pixel_size_um[skip:]
+    return replace(batch, ids=batch.ids[skip:], images=batch.images[skip:], pixel_size_um=pixel_size_um), 1.0
 
 
 def _every(freq: int, iteration: int) -> bool:
