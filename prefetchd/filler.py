@@ -18,6 +18,7 @@ from prefetchd.index import Field, Index
 from prefetchd.pace import Pace
 from prefetchd.preprocess import Preprocessing
 from prefetchd.quarantine import Quarantine
+from prefetchd.receive import receive_field, receives_in_threads
 from prefetchd.shm.arena import Arena
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,17 @@ class Filler:
         try:
             for attempt in range(FILL_ATTEMPTS):
                 try:
-                    if blobs is None:
-                        blobs = await fetch_channels(self.store, field_)
-                    illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
-                                                  len(field_.keys))
-                    await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
-                                               self.arena.slot(slot), list(field_.keys))
+                    if blobs is None and receives_in_threads(self.store):   # GET and decode on threads
+                        illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
+                                                      len(field_.keys))
+                        await receive_field(self.store, field_, illums, self.preprocessing, self.arena.slot(slot))
+                    else:
+                        if blobs is None:
+                            blobs = await fetch_channels(self.store, field_)
+                        illums = await self.illum.get(field_.illum_plate if self.preprocessing.illum else None,
+                                                      len(field_.keys))
+                        await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
+                                                   self.arena.slot(slot), list(field_.keys))
                     self.cache.finish_fill(slot)
                     self.pace.fill_took(time.monotonic() - started)
                     self.fields_fetched += 1
