@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DINO training on JUMP Cell Painting streamed by prefetchd. See --help and docs/training.md.
+# DINOv2-style training on JUMP Cell Painting streamed by prefetchd. See --help and docs/training.md.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -10,8 +10,9 @@ usage() {
   cat <<USAGE
 Usage: $(basename "$0") [options] [key=value ...]
 
-DINO self-supervised training (ViT-S/8 by default) on JUMP Cell Painting fields streamed from S3 by
-the prefetchd daemon. Logs: checkpoints/<run>/logs/log.txt; checkpoints: checkpoints/<run>/ckpt/.
+DINOv2-style self-supervised training (DINO + iBOT + KoLeo, ViT-S/8 by default) on JUMP Cell Painting
+fields streamed from S3 by the prefetchd daemon. The run is named after the config file unless
+--wandb-name is given: logs in checkpoints/<run>/logs/log.txt, checkpoints in checkpoints/<run>/ckpt/.
 
 Options:
   --config FILE          training config (default: configs/dinov3_vits8_jump_s3_multiview.yaml)
@@ -19,9 +20,12 @@ Options:
                          (default DIR: $DEFAULT_LOCAL_DIR, what \`prefetchd demo --data-dir demo-data\` keeps)
   --no-wandb             do not log to Weights & Biases
   --wandb-project P      wandb project (default: prefetchd-dino)
-  --wandb-name N         run name: wandb run and checkpoints/<N> (default: ssl-<date>-<time>)
-  --nproc-per-node K     training processes on this node, through torchrun (default: 1)
-  --resume [RUN]         continue a run exactly (name, directory or checkpoint; default: the newest run)
+  --wandb-name N         run name: wandb run and checkpoints/<N> (default: the config's name, e.g.
+                         dinov3_vits8_jump_s3_multiview); an existing run is never reused without --resume
+  --nproc-per-node K     training processes on this node, through torchrun (default: 1); a resumed
+                         run may use another count (the data position is a global sample count)
+  --resume [RUN]         continue a run (name, directory or checkpoint; default: the run of --wandb-name
+                         or --config, else the newest run)
   --socket PATH          prefetchd control socket (default: \$PREFETCHD_SOCKET or the per-user socket)
   -h, --help             this help
   key=value              config overrides, e.g. optim.epochs=10 train.batch_size_per_gpu=16 s3.cache_size=400

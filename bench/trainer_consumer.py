@@ -30,25 +30,17 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from trainer.data.synthetic import Batch   # what TrainLoop reads of a batch
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "configs" / "test_tiny.yaml"
 OPENCV_CLAHE = "{clip_limit: 3.0, tile_grid: 8, bins: 65536}"  # prefetchd-opencv's CLAHE (= cv2 uint16 CLAHE)
-
-
-@dataclass
-class Batch:
-    """What TrainLoop reads from a batch (the fields of prefetchd.client's Batch it uses)."""
-    ids: list[str]
-    images: np.ndarray
-    epoch: int
-    index: int
 
 
 class _WithIds(Dataset):

@@ -13,7 +13,7 @@ Belady/LRU bounds (`prefetchd/bounds.py`).
 from __future__ import annotations
 
 import collections
-from typing import Container, Iterator
+from typing import Callable, Container, Iterator
 
 from prefetchd.shm.arena import Arena, SlotState
 
@@ -25,11 +25,13 @@ class SlotCache:
         self.state = [SlotState.FREE] * n
         self.field_of: list[int] = [-1] * n
         self.leases = [0] * n
+        self.pins = [0] * n      # another job is copying this slot (`shared_fields.py`): not evictable meanwhile
         self.uses_since_fill = [0] * n
         self.slot_of: dict[int, int] = {}
         self.free: collections.deque[int] = collections.deque(range(n))
         self.evicted_unused = 0  # filled, then evicted before anyone used it: wasted fetches
-        self._recency: collections.OrderedDict[int, None] = collections.OrderedDict()  # READY, unleased
+        self._recency: collections.OrderedDict[int, None] = collections.OrderedDict()  # READY, unleased, unpinned
+        self.on_vacate: Callable[[int], None] | None = None   # called with the field of a slot evicted or aborted
 
     def _set(self, slot: int, state: SlotState, field: int | None = None) -> None:
         self.state[slot] = state
@@ -54,6 +56,7 @@ class SlotCache:
 
     def abort_fill(self, slot: int) -> None:
         field = self.field_of[slot]
+        self._vacated(field)
         self.slot_of.pop(field, None)
         self.field_of[slot] = -1
         self._set(slot, SlotState.FREE, -1)
@@ -74,7 +77,18 @@ class SlotCache:
         self.leases[slot] -= 1
         if self.leases[slot] == 0:
             self._set(slot, SlotState.READY)
-            self._recency[slot] = None  # most recently used
+            if not self.pins[slot]:
+                self._recency[slot] = None  # most recently used
+
+    def pin(self, slot: int) -> None:
+        """Keep a READY or leased slot from eviction while another job copies it (not a use: no hit counted)."""
+        self.pins[slot] += 1
+        self._recency.pop(slot, None)
+
+    def unpin(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        if not self.pins[slot] and not self.leases[slot] and self.state[slot] == SlotState.READY:
+            self._recency[slot] = None  # just read by another job: most recently used
 
     @property
     def capacity(self) -> int:
@@ -95,10 +109,15 @@ class SlotCache:
     def evict(self, victim: int) -> int:
         self._recency.pop(victim, None)
         self.evicted_unused += self.uses_since_fill[victim] == 0
+        self._vacated(self.field_of[victim])
         self.slot_of.pop(self.field_of[victim], None)
         self.field_of[victim] = -1
         self._set(victim, SlotState.FREE, -1)
         return victim
+
+    def _vacated(self, field: int) -> None:
+        if self.on_vacate is not None and field >= 0:
+            self.on_vacate(field)
 
     @property
     def residents(self) -> list[int]:

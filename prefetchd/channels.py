@@ -18,6 +18,18 @@ PHENIX_CHANNELS: dict[str, int] = {
 PHENIX_NUMBER_TO_CHANNEL = {number: name for name, number in PHENIX_CHANNELS.items()}
 DEFAULT_CHANNELS: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")
 BRIGHTFIELD_CHANNELS: tuple[str, ...] = ("Brightfield_H", "Brightfield_L", "Brightfield")
+# Stain names in load_data columns (`FileName_Orig<Stain>`, `_Illum<Stain>`) that differ from ours: JUMP's
+# pipelines call the Phenix ch6/ch7 brightfield planes HighZBF/LowZBF, and some write BrightField.
+STAIN_ALIASES: dict[str, str] = {"highzbf": "Brightfield_H", "lowzbf": "Brightfield_L", "brightfield": "Brightfield"}
+
+
+def canonical_stain(name: str) -> str | None:
+    """A load_data / illum stain name as one of PHENIX_CHANNELS ("HighZBF" → "Brightfield_H"), else None."""
+    lower = name.lower()
+    for stain in PHENIX_CHANNELS:
+        if stain.lower() == lower:
+            return stain
+    return STAIN_ALIASES.get(lower)
 
 
 def parse_channels(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """`prefetchd check DATASET`: diagnose access step by step, one line each with the fix.
 
-S3: endpoint resolution → DNS → TCP connect → bucket reachable → prefix non-empty and in the JUMP layout →
-one GET of a TIFF. Local: root exists → readable → layout matched. Checks stop at the first failure: the
-later ones cannot pass without it.
+S3: endpoint resolution → DNS → TCP connect → bucket reachable → each prefix non-empty, in a JUMP layout (Phenix,
+Yokogawa, ImageXpress) and, where the layout does not name its stains, with the plate's load_data → one GET of
+a TIFF. Local: root exists → readable → layout matched. Checks stop at the first failure: the later ones cannot
+pass without it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlparse
 
-from prefetchd.catalog import CatalogBuilder
+from prefetchd.catalog import KeyCollector
 from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import PrefetchdError
-from prefetchd.layout import parse_image_key
+from prefetchd.layouts import LAYOUT_EXAMPLES, ImageKey, barcode_of, parse_image_key, project_of
 from prefetchd.listing import list_root
 from prefetchd.s3 import make_s3_client, resolve_endpoint
 from prefetchd.storage import LocalDirectory
@@ -27,7 +28,7 @@ from prefetchd.storage_errors import ENDPOINT_SETTINGS, classify_storage_error, 
 SAMPLE_PAGES = 5          # LIST pages (1000 keys each) sampled for the layout check
 LOCAL_SAMPLE_FILES = 5000
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-LAYOUT = "…/<batch>/images/<plate folder>/Images/r01c01f01p01-ch1sk1fk1fl1.tiff"
+LAYOUT = f"a JUMP layout ({LAYOUT_EXAMPLES})"
 
 
 @dataclass
@@ -68,11 +69,18 @@ class S3Checks:
         self.region = s3cfg.get("region") or "us-east-1"
         self.endpoint = resolve_endpoint(s3cfg.get("endpoint_url"))
         self.host, self.port = host_and_port(self.endpoint, self.region)
-        self.where = f"s3://{spec.bucket}/{list_root(spec)}"
         self.image_key: str | None = None
+        self.prefix_now = spec.prefixes[0]
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self.spec.bucket}/{list_root(self.prefix_now)}"
 
     def steps(self) -> list[Callable[[], Awaitable[CheckResult]]]:
-        return [self.resolution, self.dns, self.tcp, self.bucket, self.prefix, self.get_tiff]
+        steps: list[Callable[[], Awaitable[CheckResult]]] = [self.resolution, self.dns, self.tcp, self.bucket]
+        for prefix in self.spec.prefixes:
+            steps += [lambda p=prefix: self.prefix(p), self.get_tiff]
+        return steps
 
     def failure(self, name: str, exc: BaseException) -> CheckResult:
         error = classify_storage_error(exc, self.endpoint, self.spec.bucket, region=self.region)
@@ -110,38 +118,64 @@ class S3Checks:
         return CheckResult("bucket", True, f"s3://{self.spec.bucket} answers anonymous LIST"
                            if self.s3cfg.get("unsigned", True) else f"s3://{self.spec.bucket} answers LIST")
 
-    async def prefix(self) -> CheckResult:
-        builder = CatalogBuilder()
+    async def prefix(self, prefix: str) -> CheckResult:
+        self.prefix_now = prefix
+        self.image_key = None
+        builder = KeyCollector()
         try:
             async with make_s3_client(self.s3cfg, max_pool=1) as client:
-                await self._sample(client, builder)
+                image = await self._sample(client, builder)
+                load_data = await self._load_data(client, image) if image is not None else None
         except Exception as exc:  # noqa: BLE001
             return self.failure("prefix", exc)
-        return self._layout_result(builder)
+        return self._layout_result(builder, image, load_data)
 
-    async def _sample(self, client: Any, builder: CatalogBuilder) -> None:
-        params = {"Bucket": self.spec.bucket, "Prefix": list_root(self.spec)}
+    async def _sample(self, client: Any, builder: KeyCollector) -> ImageKey | None:
+        params = {"Bucket": self.spec.bucket, "Prefix": list_root(self.prefix_now)}
         for _ in range(SAMPLE_PAGES):
             page = await client.list_objects_v2(**params)
             for obj in page.get("Contents", ()):
                 builder.add(obj["Key"], obj.get("Size", -1), obj.get("ETag"))
-                if self.image_key is None and parse_image_key(obj["Key"]) is not None:
+                parsed = parse_image_key(obj["Key"])
+                if isinstance(parsed, ImageKey):
                     self.image_key = obj["Key"]
-            if self.image_key or not page.get("IsTruncated"):
-                return
+                    return parsed
+            if not page.get("IsTruncated"):
+                return None
             params["ContinuationToken"] = page["NextContinuationToken"]
+        return None
 
-    def _layout_result(self, builder: CatalogBuilder) -> CheckResult:
+    async def _load_data(self, client: Any, image: ImageKey) -> str | None:
+        """The load_data key of the sampled image's plate, or None (one LIST of its load_data folder)."""
+        project = project_of(self.image_key or "")
+        if not (project and image.source and image.batch):
+            return None
+        folder = (f"{project}/{image.source}/workspace/load_data_csv/{image.batch}/"
+                  f"{barcode_of(image.plate)}/")
+        page = await client.list_objects_v2(Bucket=self.spec.bucket, Prefix=folder, MaxKeys=20)
+        names = [obj["Key"] for obj in page.get("Contents", ()) if "load_data" in obj["Key"].rsplit("/", 1)[-1]]
+        return sorted(names, key=lambda k: ("with_illum" not in k, not k.endswith(".parquet")))[0] if names else None
+
+    def _layout_result(self, builder: KeyCollector, image: ImageKey | None, load_data: str | None) -> CheckResult:
         if builder.keys_seen == 0:
             return CheckResult("prefix", False, f"no objects under {self.where}",
                                "fix prefix= in the dataset string (list it with `aws s3 ls`)")
-        if self.image_key is None:
-            examples = ", ".join(builder.unparsed_examples[:3])
+        if image is None:
+            examples = ", ".join(builder.reports[g].unparsed_examples[0] for g in builder.reports
+                                 if builder.reports[g].unparsed_examples)
             return CheckResult("prefix", False, f"none of {builder.keys_seen} sampled keys under {self.where} "
                                f"match {LAYOUT}; examples: {examples}",
                                "point prefix= at a JUMP images folder, or pass index= (load_data CSV/parquet)")
-        return CheckResult("prefix", True, f"{self.where}: sampled keys match the JUMP layout, "
-                           f"e.g. {self.image_key}")
+        head = f"{self.where}: {image.layout} layout ({image.source or 'no source'}), e.g. {self.image_key}"
+        if load_data:
+            return CheckResult("prefix", True, f"{head}; channels from load_data s3://{self.spec.bucket}/{load_data}")
+        if image.channel is None:
+            return CheckResult("prefix", False, f"{head}; no load_data for plate {image.plate}, and {image.layout} "
+                               f"file names of {image.source or 'this source'} do not say which stain a channel holds",
+                               "make workspace/load_data_csv/<batch>/<plate>/ readable beside the images, or pass "
+                               "index=<load_data or jump_index file>")
+        return CheckResult("prefix", True, f"{head}; no load_data: plates will be LISTed key by key and channels "
+                           "taken from the layout's own table")
 
     async def get_tiff(self) -> CheckResult:
         try:
@@ -168,18 +202,18 @@ def local_checks(spec: DatasetSpec) -> list[CheckResult]:
         return results + [CheckResult("readable", False, f"{root} is not readable by this user",
                                       "fix the directory permissions or run as a user that can read it")]
     results.append(CheckResult("readable", True, root))
-    builder = CatalogBuilder()
+    builder = KeyCollector()
     image = _sample_local(root, builder)
     if image is None:
-        examples = ", ".join(builder.unparsed_examples[:3]) or "no files"
+        examples = ", ".join([e for r in builder.reports.values() for e in r.unparsed_examples][:3]) or "no files"
         results.append(CheckResult("layout", False, f"no file under {root} matches {LAYOUT}; examples: "
                                    f"{examples}", "point root= at the folder that holds the batch folders"))
     else:
-        results.append(CheckResult("layout", True, f"files match the JUMP layout, e.g. {image}"))
+        results.append(CheckResult("layout", True, f"files match a JUMP layout, e.g. {image}"))
     return results
 
 
-def _sample_local(root: str, builder: CatalogBuilder) -> str | None:
+def _sample_local(root: str, builder: KeyCollector) -> str | None:
     """Walk until the first image file in the layout (or LOCAL_SAMPLE_FILES files); return its path."""
     for directory, folders, files in os.walk(root):
         folders.sort()
@@ -187,7 +221,7 @@ def _sample_local(root: str, builder: CatalogBuilder) -> str | None:
         for name in sorted(files):
             key = name if relative == "." else f"{relative.replace(os.sep, '/')}/{name}"
             builder.add(key)
-            if parse_image_key(key) is not None:
+            if isinstance(parse_image_key(key, root), ImageKey):
                 return key
             if builder.keys_seen >= LOCAL_SAMPLE_FILES:
                 return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import json
 import logging
@@ -27,15 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                         help="refresh every SECONDS (default 1) until interrupted")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="give up when the daemon does not answer within SECONDS (default 10)")
 
     stop = sub.add_parser("stop", help="ask the daemon to drain and exit")
     stop.add_argument("--socket")
     stop.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the socket to go away")
+    stop.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                      help="give up when the daemon does not answer within SECONDS (default 10)")
 
     index = sub.add_parser("index", help="build or refresh the cached index of a dataset")
     index.add_argument("dataset")
     index.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL / AWS)")
-    index.add_argument("--keys-file", help="`aws s3 ls --recursive` output, S3 Inventory CSV or load_data CSV/parquet")
+    index.add_argument("--keys-file", help="`aws s3 ls --recursive` output, S3 Inventory CSV, load_data CSV/parquet "
+                       "or jump_index.parquet")
+    index.add_argument("--json", action="store_true", help="print the summary as JSON")
     index.add_argument("--refresh", action="store_true", default=True, help=argparse.SUPPRESS)
     _add_config_args(index, socket=False)
 
@@ -99,6 +106,8 @@ def cmd_serve(args) -> int:
 
     config = load_config(args)
     configure_logging(config.get("log_level"))
+    # systemd's watchdog kills a hung daemon with SIGABRT: the journal then shows where every thread was.
+    faulthandler.enable()
 
     async def run() -> None:
         await Server(config).serve()  # SIGHUP re-reads the same --config and --set (Config.reread)
@@ -115,15 +124,15 @@ def cmd_status(args) -> int:
     from prefetchd.status_view import render_status
 
     if args.json and not args.watch:
-        print(json.dumps(request("status", args.socket), indent=2))
+        print(json.dumps(request("status", args.socket, timeout=args.timeout), indent=2))
         return 0
     console = Console()
     if not args.watch:
-        console.print(render_status(request("status", args.socket)))
+        console.print(render_status(request("status", args.socket, timeout=args.timeout)))
         return 0
     with Live(console=console, auto_refresh=False) as live:
         while True:
-            status = request("status", args.socket)
+            status = request("status", args.socket, timeout=args.timeout)
             if args.json:
                 print(json.dumps(status), flush=True)
             else:
@@ -135,7 +144,7 @@ def cmd_stop(args) -> int:
     from prefetchd.config import resolve_socket
     from prefetchd.control import request
 
-    request("stop", args.socket)
+    request("stop", args.socket, timeout=args.timeout)
     path = resolve_socket(args.socket)
     deadline = time.monotonic() + args.wait
     while path.exists() and time.monotonic() < deadline:

@@ -76,7 +76,7 @@ class Config:
 
 # Config keys a SIGHUP may change live; everything else needs a restart (the old value is kept).
 RELOADABLE = ("log_level", "defaults", "job", "index.wait_s", "s3.max_concurrency", "s3.get_concurrency",
-              "s3.retries", "security")
+              "s3.retries", "security", "illum.budget_bytes", "control")
 
 
 @dataclass

@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
+
+# What the GETs of the running task are for: illumination files are counted apart from images. A context
+# variable, so the stores (and the disk tier between) need no extra argument; asyncio tasks inherit it.
+_ILLUM = contextvars.ContextVar("prefetchd_fetching_illum", default=False)
+
+
+@contextlib.contextmanager
+def fetching_illum() -> Iterator[None]:
+    """GETs made inside count as illumination GETs (`FetchCounters.illum_gets`, `illum_bytes`)."""
+    token = _ILLUM.set(True)
+    try:
+        yield
+    finally:
+        _ILLUM.reset(token)
 
 
 class RateMeter:
@@ -41,8 +58,17 @@ class FetchCounters:
     retries: int = 0
     inflight: int = 0
     errors: int = 0
+    illum_gets: int = 0           # of `gets`, those for illumination files
+    illum_bytes: int = 0          # of `bytes_fetched`, those of illumination files
     meter: RateMeter = field(default_factory=RateMeter)
+
+    def count_get(self) -> None:
+        self.gets += 1
+        if _ILLUM.get():
+            self.illum_gets += 1
 
     def add_bytes(self, n: int) -> None:
         self.bytes_fetched += n
         self.meter.add(n)
+        if _ILLUM.get():
+            self.illum_bytes += n

@@ -12,13 +12,15 @@ import numpy as np
 import tifffile
 
 from prefetchd.errors import CorruptObjectError
+from prefetchd.field_shape import ShapeOption, fit_plane, misfit
 from prefetchd.preprocess import Preprocessing, apply_channel
 
 
 def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
-    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits). Uncompressed little-endian planes
-    (what the Phenix writes) come back as a read-only view of `data` (bytes or any buffer, e.g. obstore's
-    `Bytes`): no copy, and found by `plane_layout` without tifffile (~0.4 ms of GIL-held Python per file)."""
+    """A 2-D uint16 image, exactly as stored (never squashed to 8 bits; other pixel types are refused).
+    Uncompressed little-endian planes (what the Phenix writes) come back as a read-only view of `data` (bytes
+    or any buffer, e.g. obstore's `Bytes`): no copy, and found by `plane_layout` without tifffile (~0.4 ms of
+    GIL-held Python per file)."""
     layout = plane_layout(data, len(data))
     if layout is not None:
         offset, height, width = layout
@@ -34,10 +36,11 @@ def decode_tiff(data: bytes, *, name: str = "object") -> np.ndarray:
         image = image[0]
     if image.ndim != 2:
         raise CorruptObjectError(f"{name}: expected one 2-D plane, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        image = image.astype(np.uint16)
-    elif image.dtype != np.uint16:
-        raise CorruptObjectError(f"{name}: expected uint16 pixels, got {image.dtype}")
+    if image.dtype != np.uint16:
+        # An 8-bit (or float, or signed) plane is not what the microscope wrote: widening it would hand the
+        # trainer 0..255 beside 16-bit planes, indistinguishable after rescale and CLAHE. Refuse it.
+        raise CorruptObjectError(f"{name}: pixels are {image.dtype}, expected uint16 (the microscope's 16-bit "
+                                 "planes); it was converted or exported: copy the original TIFF")
     return image
 
 
@@ -165,9 +168,22 @@ def decode_npy(data: bytes, *, name: str = "illum") -> np.ndarray:
     return array
 
 
-def probe_shape(channel_bytes: list[bytes], names: list[str]) -> tuple[int, int, int]:
-    first = decode_tiff(channel_bytes[0], name=names[0])
-    return (len(channel_bytes), *first.shape)
+def tiff_shape(data: bytes, *, name: str = "object") -> tuple[int, int]:
+    """(height, width) of a TIFF's plane from its header, without decoding the pixels."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            shape = tuple(tif.pages.first.shape)
+    except Exception as exc:
+        raise CorruptObjectError(f"{name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise CorruptObjectError(f"{name}: expected one 2-D plane, got shape {shape}")
+    return shape
+
+
+def field_plane_shapes(channel_bytes: list[bytes], names: list[str]) -> list[tuple[int, int]]:
+    return [tiff_shape(data, name=name) for data, name in zip(channel_bytes, names)]
 
 
 def assemble_field(
@@ -176,13 +192,26 @@ def assemble_field(
     opts: Preprocessing,
     out: np.ndarray,
     names: list[str],
+    fit: ShapeOption | None = None,
 ) -> None:
-    """Decode every channel and write the preprocessed stack into `out` (uint16 [C, H, W])."""
+    """Decode every channel and write the preprocessed stack into `out` (uint16 [C, H, W]). A channel of
+    another size is preprocessed at its own size, then centre-cropped / reflect-padded as `fit` says."""
     for c, data in enumerate(channel_bytes):
-        image = decode_tiff(data, name=names[c])
-        if image.shape != out.shape[1:]:
-            raise CorruptObjectError(f"{names[c]}: image is {image.shape}, the dataset's fields are {out.shape[1:]}")
-        illum = illums[c]
-        if illum is not None and illum.shape != image.shape:
-            raise CorruptObjectError(f"illumination function for {names[c]} is {illum.shape}, image is {image.shape}")
-        apply_channel(image, illum, opts, out[c])
+        place_channel(decode_tiff(data, name=names[c]), illums[c], opts, out[c], names[c], fit)
+
+
+def place_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessing, out: np.ndarray, name: str,
+                  fit: ShapeOption | None = None) -> None:
+    """One decoded channel, preprocessed, into its plane `out` (uint16 [H, W]); a channel of another size is
+    preprocessed at its own size, then centre-cropped / reflect-padded as `fit` says."""
+    why = misfit(image.shape, out.shape, fit)
+    if why:
+        raise CorruptObjectError(f"{name}: {why}")
+    if illum is not None and illum.shape != image.shape:
+        raise CorruptObjectError(f"illumination function for {name} is {illum.shape}, image is {image.shape}")
+    if image.shape == out.shape:
+        apply_channel(image, illum, opts, out)
+        return
+    native = np.empty(image.shape, np.uint16)
+    apply_channel(image, illum, opts, native)
+    fit_plane(native, out, fit, name)

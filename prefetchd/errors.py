@@ -15,11 +15,13 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"                      # a bug: the daemon logged the traceback
     BAD_REQUEST = "bad_request"                # the control protocol was not followed
     BAD_DATASET = "bad_dataset"
+    MIXED_SHAPES = "mixed_shapes"              # the selected fields are not one size and no shape= says how
     BAD_CONFIG = "bad_config"
     EMPTY_DATASET = "empty_dataset"
     SHM = "shm"
     NO_DAEMON = "no_daemon"
     BUSY = "busy"                              # another daemon owns the socket
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # a cap on control connections (per peer or in total)
     FORBIDDEN = "forbidden"                    # peer credentials refused
     STOPPING = "stopping"                      # the daemon is draining
     INDEX_BUILDING = "index_building"
@@ -34,6 +36,7 @@ class ErrorCode(enum.StrEnum):
     DNS = "dns"
     CONNECTION_REFUSED = "connection_refused"
     TIMEOUT = "timeout"
+    DAEMON_TIMEOUT = "daemon_timeout"          # the daemon did not answer within the client's timeout
     TLS = "tls"
     NO_ROOT = "no_root"
 
@@ -60,6 +63,7 @@ class InternalError(PrefetchdError):
 
 class DatasetError(PrefetchdError):
     code = ErrorCode.BAD_DATASET
+    codes = (ErrorCode.MIXED_SHAPES,)
 
 
 class ConfigError(PrefetchdError):
@@ -96,6 +100,12 @@ class DaemonBusy(PrefetchdError):
     code = ErrorCode.BUSY
 
 
+class TooManyConnections(PrefetchdError):
+    """The daemon refuses another control connection: this peer (or everyone together) holds too many."""
+
+    code = ErrorCode.TOO_MANY_CONNECTIONS
+
+
 class Forbidden(PrefetchdError):
     """The peer's uid/gid may not use this daemon."""
 
@@ -119,6 +129,12 @@ class AttachConflict(PrefetchdError):
 
     code = ErrorCode.JOB_MISMATCH
     codes = (ErrorCode.RANK_TAKEN,)
+
+
+class DaemonTimeout(PrefetchdError):
+    """The daemon did not answer within the client's timeout (paused, hung or overloaded)."""
+
+    code = ErrorCode.DAEMON_TIMEOUT
 
 
 class CorruptObjectError(PrefetchdError):

@@ -180,7 +180,7 @@ class S3Store:
     async def _get_once(self, key: str, expected_size: int, expected_etag: str | None = None) -> Body:
         async with self.semaphore:
             self.counters.inflight += 1
-            self.counters.gets += 1
+            self.counters.count_get()
             try:
                 fetched = await self.getter.get(key)
             finally:
@@ -256,7 +256,7 @@ class LocalStore:
         path = self.root / key
         async with self.semaphore:
             self.counters.inflight += 1
-            self.counters.gets += 1
+            self.counters.count_get()
             try:
                 data = await asyncio.to_thread(path.read_bytes)
             except FileNotFoundError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from prefetchd.dataset import DatasetSpec
 from prefetchd.errors import IndexBuilding
 from prefetchd.index import Index, build_index
 from prefetchd.s3 import resolve_endpoint
+
+log = logging.getLogger("prefetchd")
 
 
 class IndexRegistry:
@@ -42,10 +45,17 @@ class IndexRegistry:
         def report(done: int, total: int | None, keys: int) -> None:
             self.progress[name].update(plates_done=done, plates_total=total, keys=keys)
 
+        log.info("indexing %s (from the index cache if it has it)", name)
         try:
-            return await build_index(spec, self.s3cfg, self.cache_dir, progress=report)
+            index = await build_index(spec, self.s3cfg, self.cache_dir, progress=report)
+        except Exception as exc:
+            log.warning("indexing %s failed: %s", name, getattr(exc, "message", exc))
+            raise
         finally:
             self.progress.pop(name, None)
+        log.info("indexed %s: %d fields in %.1f s%s", name, len(index.fields), index.seconds,
+                 " (from the index cache)" if index.from_cache else "")
+        return index
 
     def status(self) -> dict[str, Any]:
         return {name: dict(p) for name, p in self.progress.items()}

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from prefetchd.cache import SlotCache
 from prefetchd.errors import DaemonStopping, ShmError
 from prefetchd.fetch import ObjectStore
-from prefetchd.filler import Filler, probe
+from prefetchd.field_shape import ShapeDecision
+from prefetchd.filler import FIELD_BUDGET_S, Filler, probe
+from prefetchd.illum import IllumStore
 from prefetchd.index import Index
 from prefetchd.pace import Pace
 from prefetchd.options import JobSpec
 from prefetchd.planner import Planner, make_planner
 from prefetchd.quarantine import Quarantine
+from prefetchd.shared_fields import SharedFields
 from prefetchd.shm.arena import Arena, arena_name
 from prefetchd.timeline import RankState, Timeline
 
@@ -72,6 +75,7 @@ class Served:
     ids: list[str]
     generations: list[int]
     waited_s: float
+    pixel_size_um: list[float | None] = field(default_factory=list)   # per field, of its source's microscope
 
 
 @dataclass
@@ -85,13 +89,16 @@ class EpochEnd:
 class Job:
     def __init__(self, spec: JobSpec, index: Index, store: ObjectStore, pool: Executor, *,
                  max_fills: int, local_world_size: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 shm_budget: int = 0):
+                 shm_budget: int = 0, illum: IllumStore | None = None, shared: SharedFields | None = None,
+                 key_space: str = "", field_budget_s: float = FIELD_BUDGET_S):
         self.spec = spec
+        self._node = (illum, shared, key_space)   # what this job shares with the daemon's other jobs
         self.index = index
         self.store = store
         self.pool = pool
         self.max_fills = max_fills
         self.local_world_size = local_world_size
+        self.field_budget_s = field_budget_s
         self._shm = (shm_mode, shm_gid, shm_budget)
         self.ranks: dict[int, RankState] = {}
         self.stats = JobStats()
@@ -100,6 +107,7 @@ class Job:
         self.timeline = Timeline(len(index.fields), spec.seed, spec.world_size, spec.batch_size, spec.drop_last,
                                  self.quarantine)
         self.arena: Arena | None = None
+        self.field_shape: ShapeDecision | None = None
         self.cache: SlotCache | None = None
         self.filler: Filler | None = None
         self.planner: Planner | None = None
@@ -121,7 +129,7 @@ class Job:
         return self.timeline.batches_per_epoch
 
     async def start(self) -> None:
-        """Probe the field shape with the first field, create the arena, start prefetching."""
+        """Decide the field shape from sampled fields of every source, create the arena, start prefetching."""
         s = self.spec
         needed = (s.prefetch_factor + 1) * s.batch_size * self.local_world_size
         if s.cache_size < needed:
@@ -130,16 +138,24 @@ class Job:
                 f"= ({s.prefetch_factor} + 1) × {s.batch_size} × {self.local_world_size} = {needed}: "
                 f"raise cache_size to at least {needed} or lower prefetch_factor/batch_size"
             )
-        first, blobs, shape = await probe(self.index, self.store, self.quarantine)
+        sampled = await probe(self.index, self.store, self.quarantine, self.pool, s.shape,
+                              self.field_budget_s)
+        self.field_shape = sampled.decision
+        log.info("job %s fields are %s: %s", s.job, "×".join(map(str, sampled.decision.size)),
+                 "; ".join(sampled.decision.groups))
+        shape = (len(self.index.channels), *sampled.decision.size)
         mode, gid, budget = self._shm
         self.arena = Arena.create(arena_name(s.job), s.cache_size, shape, mode=mode, gid=gid, budget_bytes=budget)
         self.cache = SlotCache(self.arena)
+        illum, shared, key_space = self._node
         self.filler = Filler(self.index, self.store, self.pool, s.preprocessing, self.arena, self.cache,
-                             self.quarantine, self.pace, on_done=self._slots_changed)
+                             self.quarantine, self.pace, on_done=self._slots_changed, fit=sampled.decision.option,
+                             illum=illum, shared=shared, key_space=key_space, budget_s=self.field_budget_s)
         self.planner = make_planner(s.policy, batch_size=s.batch_size, cache_size=s.cache_size,
                                     prefetch_factor=s.prefetch_factor, max_fills=self.max_fills, ranks=self.ranks,
                                     timeline=self.timeline, cache=self.cache, filler=self.filler, pace=self.pace)
-        self.filler.start(first, self.cache.take_free(), blobs)
+        for f, blobs in sampled.fetched[:max(1, s.cache_size // 2)]:   # leave most slots to the planner
+            self.filler.start(f, self.cache.take_free(), blobs)
         self._prefetcher = asyncio.create_task(self._prefetch_loop(), name=f"prefetch-{s.job}")
 
     async def close(self) -> None:
@@ -204,9 +220,18 @@ class Job:
 
     # ---- serving ---------------------------------------------------------------------------
 
+    async def orders_ready(self, rank: int, epoch: int) -> None:
+        """Compute the schedules of `epoch` and the next (what the horizon reads) off the event loop: a
+        permutation of millions of fields takes most of a second, and other jobs' ranks are waiting."""
+        loop = asyncio.get_running_loop()
+        for e in (epoch, epoch + 1):
+            if not self.timeline.has(rank, e):
+                self.timeline.put(rank, e, await loop.run_in_executor(self.pool, self.timeline.compute, rank, e))
+
     async def next_batch(self, rank: int, epoch: int, batch: int) -> Served | EpochEnd:
         state = self.ranks[rank]
         state.asked()
+        await self.orders_ready(rank, epoch + 1 if batch >= self.batches_per_epoch else epoch)
         self._release_all(state)
         if batch >= self.batches_per_epoch:
             state.epoch, state.position = epoch + 1, 0
@@ -219,6 +244,8 @@ class Job:
         started = time.monotonic()
         mapped = await self._wait_ready(self.timeline.batch(rank, epoch, batch))
         waited = time.monotonic() - started
+        state.stall_s += waited
+        state.batches += 1
         slots = [self.cache.lookup(f) for f in mapped]
         self.stats.served_batch(epoch, [self.cache.lease(slot) for slot in slots], waited)
         state.leased = slots
@@ -228,7 +255,8 @@ class Job:
         self._wake.set()
         ids = self._ids
         return Served(epoch, batch, slots, [ids[f] for f in mapped],
-                      [int(self.arena.table["generation"][s]) for s in slots], waited)
+                      [int(self.arena.table["generation"][s]) for s in slots], waited,
+                      self.index.pixel_size_um(mapped))
 
     async def _wait_ready(self, fields: list[int]) -> list[int]:
         """Start or join the fills of a batch's fields and return (substitutes applied) once all are in slots."""
@@ -253,6 +281,14 @@ class Job:
 
     # ---- reporting -------------------------------------------------------------------------
 
+    def field_shape_info(self) -> dict | None:
+        """The slots' (H, W), how other sizes are made that size, and per source what sampling found."""
+        d = self.field_shape
+        if d is None:
+            return None
+        return {"size": list(d.size), "option": d.option.to_dict() if d.option else None, "sources": list(d.groups),
+                "pixel_size_um": {name: o.get("pixel_size_um") for name, o in self.index.optics.items()}}
+
     def status(self) -> dict:
         s, st = self.spec, self.stats
         served = st.fields_served
@@ -268,16 +304,19 @@ class Job:
             "prefetch_factor": s.prefetch_factor,
             "preprocessing": s.preprocessing.to_dict(),
             "shape": list(arena.layout.shape) if arena else None,
+            "field_shape": self.field_shape_info(),
             "shm_name": arena.layout.name if arena else None,
             "shm_bytes": arena.layout.total_bytes if arena else 0,
             "ranks": {r.rank: {"epoch": r.epoch, "position": r.position, "connected": r.connected,
-                               "leased": len(r.leased), "think_s": r.think_s} for r in self.ranks.values()},
+                               "leased": len(r.leased), "think_s": r.think_s, "stall_s": r.stall_s,
+                               "batches": r.batches} for r in self.ranks.values()},
             "fields_served": served,
             "cache_hits": st.cache_hits,
             "cache_misses": st.cache_misses,
             "hit_rate": st.cache_hits / served if served else 0.0,
             "hit_rate_bound": min(1.0, s.cache_size / self.n_fields) if self.n_fields else 0.0,
             "fields_fetched": self.filler.fields_fetched if self.filler else 0,
+            "fields_shared": self.filler.fields_shared if self.filler else 0,
             "evicted_unused": cache.evicted_unused if cache else 0,
             "guarded_evictions": planner.guarded_evictions if planner else 0,
             "planning_cpu_s": planner.planning_s if planner else 0.0,

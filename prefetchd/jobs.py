@@ -10,16 +10,20 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import Executor
 from typing import Any
 
 from prefetchd.config import Config
 from prefetchd.dataset import DatasetSpec, parse_dataset
 from prefetchd.errors import AttachConflict
+from prefetchd.illum import IllumStore
 from prefetchd.indexes import IndexRegistry, with_channels
 from prefetchd.job import Job
 from prefetchd.options import JobSpec
 from prefetchd.options import AttachOptions, resolve_options
+from prefetchd.reachability import check_endpoint_answers
+from prefetchd.shared_fields import SharedFields
 from prefetchd.shm.arena import SlotState
 from prefetchd.stores import Stores
 
@@ -29,10 +33,14 @@ TOTALS = ("fields_served", "cache_hits", "cache_misses", "stall_s")   # summed o
 
 
 class Jobs:
-    def __init__(self, indexes: IndexRegistry, stores: Stores, pool: Executor):
+    """Also what jobs share: the illumination store and the registry of fields held in any job's arena."""
+
+    def __init__(self, indexes: IndexRegistry, stores: Stores, pool: Executor, illum: IllumStore):
         self.indexes = indexes
         self.stores = stores
         self.pool = pool
+        self.illum = illum
+        self.shared = SharedFields()
         self.running: dict[str, Job] = {}
         self._starts: dict[str, asyncio.Future] = {}
         self._closed_totals: dict[str, Any] = {"fields_served": 0, "cache_hits": 0, "cache_misses": 0, "stall_s": 0.0}
@@ -57,10 +65,13 @@ class Jobs:
         self._starts[job_spec.job] = future
         job = None
         try:
+            await check_endpoint_answers(spec, self.indexes.s3cfg)
             index = await self.indexes.get(spec)
             job = Job(job_spec, index, self.stores.for_dataset(spec), self.pool,
                       max_fills=max(4, int(config.get("s3.max_concurrency")) // max(1, len(spec.channels))),
-                      local_world_size=local_world_size, **_shm_settings(config))
+                      local_world_size=local_world_size, illum=self.illum, shared=self.shared,
+                      key_space=spec.storage.key_space(self.stores.endpoint),
+                      field_budget_s=float(config.get("job.field_budget_s")), **_shm_settings(config))
             await job.start()
             self.running[job_spec.job] = job
             future.set_result(job)
@@ -121,12 +132,18 @@ def job_spec_for(dataset: str, batch_size: int, seed: int, world_size: int, job:
         job=job or _default_job_id(spec, seed, world_size, batch_size, opts),
         dataset=spec.text, seed=seed, world_size=world_size, batch_size=batch_size,
         drop_last=opts.drop_last, cache_size=opts.cache_size, prefetch_factor=opts.prefetch_factor,
-        policy=opts.policy, preprocessing=opts.preprocessing, channels=spec.channels,
+        policy=opts.policy, preprocessing=opts.preprocessing, channels=spec.channels, shape=opts.shape,
     )
     return job_spec, spec
 
 
 def _default_job_id(spec: DatasetSpec, seed: int, world_size: int, batch_size: int, opts: AttachOptions) -> str:
+    """A request that names no job (a raw protocol client; `prefetchd.client` always sends one).
+
+    A single process is a job of its own, as in the client's rule (`job_id.py`), so two such runs side by side
+    never collide; the ranks of a larger world can only be told together by their arguments."""
+    if world_size == 1:
+        return uuid.uuid4().hex[:12]
     text = f"{spec.text}|{seed}|{world_size}|{batch_size}|{opts}"
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -26,14 +26,31 @@ COUNTERS = {
     "retries": ("prefetchd_retries", "GET attempts retried", True),
     "fetch_errors": ("prefetchd_fetch_errors", "GETs that failed after all retries", True),
     "stall_s": ("prefetchd_stall_seconds", "Seconds trainers waited in next()", True),
+    "quarantined": ("prefetchd_quarantined_fields", "Fields quarantined (stayed bad after retries), closed jobs included", True),
+    "image_gets": ("prefetchd_image_gets", "GET requests for images (of prefetchd_gets)", True),
+    "image_bytes_fetched": ("prefetchd_image_fetched_bytes", "Image bytes read from the object store", True),
+    "illum_gets": ("prefetchd_illum_gets", "GET requests for illumination files (of prefetchd_gets)", True),
+    "illum_bytes_fetched": ("prefetchd_illum_fetched_bytes", "Illumination bytes read from the object store", True),
+    "fields_shared": ("prefetchd_fields_shared", "Fields a job copied from another job's arena instead of GETs", True),
+    "connections_refused": ("prefetchd_connections_refused", "Control connections refused by the connection caps", True),
+}
+# status["illum"] key -> (metric name, help, counter?): the daemon-wide illumination store (prefetchd/illum.py)
+ILLUM = {
+    "plates": ("prefetchd_illum_plates", "Plates whose illumination files are held", False),
+    "bytes": ("prefetchd_illum_bytes", "Bytes of illumination arrays held", False),
+    "budget_bytes": ("prefetchd_illum_budget_bytes", "illum.budget_bytes", False),
+    "evictions": ("prefetchd_illum_evictions", "Plates dropped to stay within illum.budget_bytes", True),
 }
 GAUGES = {
     "uptime_s": ("prefetchd_uptime_seconds", "Seconds since the daemon started"),
     "hit_rate": ("prefetchd_hit_rate", "Cache hits / fields served"),
-    "fetch_mb_per_s": ("prefetchd_fetch_mb_per_second", "Fetch throughput over the last 10 s"),
     "inflight_requests": ("prefetchd_inflight_requests", "GETs in flight"),
-    "quarantined": ("prefetchd_quarantined_fields", "Fields quarantined (stayed bad after retries)"),
     "shm_bytes": ("prefetchd_shm_bytes", "Shared memory held by arenas"),
+    "connections": ("prefetchd_connections", "Control connections open (attached ranks and others)"),
+}
+# status key in MB/s (10^6 bytes) -> metric in bytes per second, Prometheus' base unit
+RATES = {
+    "fetch_mb_per_s": ("prefetchd_fetch_bytes_per_second", "Fetch throughput over the last 10 s"),
 }
 
 # status["concurrency"] key -> (metric name, help): the adaptive GET limiter (prefetchd/concurrency.py)
@@ -41,8 +58,11 @@ CONCURRENCY_GAUGES = {
     "limit": ("prefetchd_get_concurrency_limit", "GETs allowed in flight now (adaptive limit)"),
     "maximum": ("prefetchd_get_concurrency_maximum", "Upper bound of the GET limit (s3.max_concurrency)"),
     "minimum": ("prefetchd_get_concurrency_minimum", "Lower bound of the GET limit"),
-    "throughput_mb_s": ("prefetchd_get_window_mb_per_second", "GET throughput in the limiter's last window"),
 }
+CONCURRENCY_RATES = {
+    "throughput_mb_s": ("prefetchd_get_window_bytes_per_second", "GET throughput in the limiter's last window"),
+}
+MB = 1e6
 CONCURRENCY_COUNTERS = {
     "throttles": ("prefetchd_throttles", "GETs S3 answered with 503 SlowDown / 429 / throttling"),
     "decreases": ("prefetchd_concurrency_decreases", "Multiplicative decreases of the GET limit on throttling"),
@@ -60,22 +80,24 @@ class StatusCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(s.get(key, 0)))
             yield c
-        for key, (name, doc) in GAUGES.items():
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], float(s.get(key, 0)))
-            yield g
-        jobs = GaugeMetricFamily("prefetchd_jobs", "Attached jobs")
-        jobs.add_metric([], float(len(s.get("jobs", []))))
-        yield jobs
+        yield from _gauges(GAUGES, s)
+        yield from _gauges(RATES, s, scale=MB)
+        jobs = s.get("jobs", [])
+        yield _gauge("prefetchd_jobs", "Attached jobs", len(jobs))
+        yield _gauge("prefetchd_fields_in_quarantine", "Fields quarantined in the jobs attached now (drops when a "
+                     "job closes)", sum(len(j.get("quarantined", [])) for j in jobs))
         c = s.get("concurrency") or {}
-        for key, (name, doc) in CONCURRENCY_GAUGES.items():
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], float(c.get(key, 0)))
-            yield g
+        yield from _gauges(CONCURRENCY_GAUGES, c)
+        yield from _gauges(CONCURRENCY_RATES, c, scale=MB)
         for key, (name, doc) in CONCURRENCY_COUNTERS.items():
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(c.get(key, 0)))
             yield counter
+        illum = s.get("illum") or {}
+        for key, (name, doc, counter) in ILLUM.items():
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc)
+            family.add_metric([], float(illum.get(key, 0)))
+            yield family
         slots = GaugeMetricFamily("prefetchd_slots", "Arena slots per state, all jobs", labels=["state"])
         counts = {k.lower(): v for k, v in (s.get("slots") or {}).items()}
         for state in sorted({"free", "filling", "ready", "leased"} | set(counts)):
@@ -83,9 +105,24 @@ class StatusCollector:
         yield slots
 
 
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], float(value))
+    return g
+
+
+def _gauges(table: dict[str, tuple[str, str]], values: dict[str, Any], scale: float = 1.0):
+    for key, (name, doc) in table.items():
+        yield _gauge(name, doc, float(values.get(key, 0)) * scale)
+
+
 def make_registry(status: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """The status counters, plus the standard process_* (CPU, RSS, open fds), python_gc_* and python_info."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(status))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

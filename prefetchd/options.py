@@ -3,15 +3,25 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
-from prefetchd.channels import parse_channels
+from prefetchd.channels import PHENIX_CHANNELS, parse_channels
 from prefetchd.errors import ConfigError
+from prefetchd.field_shape import ShapeOption, parse_shape
 from prefetchd.policy import Policy
 from prefetchd.preprocess import Preprocessing
 
-ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last")
+ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_factor", "policy", "drop_last", "shape")
+
+# Upper bounds on the sizes an attach request sets, checked before anything is allocated from them: no
+# request may make the daemon allocate or loop in proportion to a number it sent.
+MAX_WORLD_SIZE = 1 << 16          # ranks in one training run
+MAX_LOCAL_WORLD_SIZE = 1024       # ranks of one job on this node
+MAX_BATCH_SIZE = 1 << 16          # fields per batch per rank
+MAX_CACHE_SIZE = (1 << 31) - 1    # slots; the shared-memory budget (checked before allocating) binds far earlier
+MAX_PREFETCH_FACTOR = 1024        # batches ahead per rank
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class AttachOptions:
     prefetch_factor: int
     policy: Policy
     drop_last: bool
+    shape: ShapeOption | None = None      # make every field one size (field_shape.py); None: they must be
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class JobSpec:
     policy: Policy
     preprocessing: Preprocessing
     channels: tuple[str, ...]
+    shape: ShapeOption | None = None
 
     def differences(self, other: "JobSpec") -> list[str]:
         return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
@@ -49,19 +61,41 @@ def resolve_options(requested: dict[str, Any], defaults: dict[str, Any]) -> Atta
     if unknown:
         raise ConfigError(f"unknown attach option(s) {', '.join(unknown)}; accepted: {', '.join(ACCEPTED)}")
     merged = {**defaults, **{k: v for k, v in requested.items() if v is not None}}
-    cache_size = _positive_int("cache_size", merged["cache_size"])
-    prefetch_factor = _positive_int("prefetch_factor", merged["prefetch_factor"], allow_zero=True)
+    cache_size = _bounded_int("cache_size", merged["cache_size"], 1, MAX_CACHE_SIZE)
+    prefetch_factor = _bounded_int("prefetch_factor", merged["prefetch_factor"], 0, MAX_PREFETCH_FACTOR)
     policy = Policy.parse(merged["policy"])
     if not isinstance(merged["drop_last"], bool):
         raise ConfigError(f"drop_last must be true or false, got {merged['drop_last']!r}")
     preprocessing = Preprocessing.from_options(
         illum=merged["illum"], rescale=merged.get("rescale", False), clahe=merged.get("clahe")
     )
-    channels = parse_channels(requested["channels"]) if requested.get("channels") else None
-    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"])
+    channels = _channels(requested.get("channels"))
+    return AttachOptions(channels, preprocessing, cache_size, prefetch_factor, policy, merged["drop_last"],
+                         parse_shape(merged.get("shape")))
 
 
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ConfigError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+def check_attach_sizes(batch_size: Any, rank: Any, world_size: Any, local_world_size: Any) -> None:
+    """The sizes of an attach request, bounded before the daemon plans or allocates anything from them."""
+    world_size = _bounded_int("world_size", world_size, 1, MAX_WORLD_SIZE)
+    _bounded_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    _bounded_int("local_world_size", local_world_size, 1, MAX_LOCAL_WORLD_SIZE)
+    _bounded_int("rank", rank, 0, world_size - 1)
+
+
+def _bounded_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer >= {low} and <= {high}, got {_short(value)}")
     return value
+
+
+def _channels(value: Any) -> tuple[str, ...] | None:
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+        return parse_channels(value)
+    raise ConfigError(f"channels must be a list of channel names or a comma-separated string like 'DNA,ER,RNA', "
+                      f"got {_short(value)}; accepted channels: {', '.join(PHENIX_CHANNELS)}")
+
+
+def _short(value: Any) -> str:
+    return reprlib.repr(value)

@@ -83,16 +83,18 @@ def ok_reply(**fields: Any) -> dict[str, Any]:
 
 
 def attach_reply(*, job: str, layout: dict, fields: int, channels: list[str], batches_per_epoch: int,
-                 preprocessing: dict, epoch: int, position: int) -> dict[str, Any]:
+                 preprocessing: dict, epoch: int, position: int, field_shape: dict | None = None) -> dict[str, Any]:
     return ok_reply(job=job, layout=layout, fields=fields, channels=channels, batches_per_epoch=batches_per_epoch,
-                    preprocessing=preprocessing, position={"epoch": epoch, "position": position})
+                    preprocessing=preprocessing, position={"epoch": epoch, "position": position},
+                    field_shape=field_shape)
 
 
 def batch_reply(*, epoch: int, batch: int, slots: list[int], ids: list[str], generations: list[int],
-                waited_s: float) -> dict[str, Any]:
-    """The batch a rank asked for: slots leased to it until its next request, and the ids of their fields."""
+                waited_s: float, pixel_size_um: list[float | None] | None = None) -> dict[str, Any]:
+    """The batch a rank asked for: slots leased to it until its next request, the ids of their fields and the
+    µm per pixel of each (None where the microscope is unknown)."""
     return ok_reply(end=False, epoch=epoch, batch=batch, slots=slots, ids=ids, generations=generations,
-                    waited_s=waited_s)
+                    waited_s=waited_s, pixel_size_um=pixel_size_um or [])
 
 
 def end_of_epoch_reply(*, epoch: int, batches: int) -> dict[str, Any]:

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from prefetchd.counters import FetchCounters
-from prefetchd.decode import decode_tiff, plane_layout
-from prefetchd.errors import CorruptObjectError
+from prefetchd.decode import decode_tiff, place_channel, plane_layout
+from prefetchd.field_shape import ShapeOption
 from prefetchd.index import Field
-from prefetchd.preprocess import Preprocessing, apply_channel
+from prefetchd.preprocess import Preprocessing
 
 HEAD = 64 << 10      # bytes read before the TIFF's layout decides where the rest goes
 
@@ -42,8 +42,9 @@ def receives_in_threads(store: Any) -> bool:
 
 
 async def receive_field(store: Any, field: Field, illums: list[np.ndarray | None], preprocessing: Preprocessing,
-                        out: np.ndarray) -> None:
-    """Fetch `field`'s channels and write them, preprocessed, into `out` (uint16 [C, H, W], a slot)."""
+                        out: np.ndarray, fit: ShapeOption | None = None) -> None:
+    """Fetch `field`'s channels and write them, preprocessed (and made the slot's size as `fit` says), into `out`
+    (uint16 [C, H, W], a slot)."""
     from prefetchd.thread_get import Abort
 
     getter = store.getter
@@ -58,8 +59,8 @@ async def receive_field(store: Any, field: Field, illums: list[np.ndarray | None
     async with contextlib.AsyncExitStack() as permits:
         width = await _take_permits(store.semaphore, len(field.keys), permits)
         store.counters.inflight += width
-        job = loop.run_in_executor(getter.field_pool, _receive, store, field, illums, preprocessing, out,
-                                   counts, on_throttle, abort, width)
+        job = loop.run_in_executor(getter.field_pool, _receive, store, field, illums, preprocessing, fit,
+                                   out, counts, on_throttle, abort, width)
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -106,8 +107,8 @@ def _add(store: Any, counts: FetchCounters) -> None:
             on_success(counts.bytes_fetched)
 
 
-def _receive(store: Any, field: Field, illums, preprocessing: Preprocessing, out: np.ndarray,
-             counts: FetchCounters, on_throttle, abort, width: int) -> None:
+def _receive(store: Any, field: Field, illums, preprocessing: Preprocessing, fit: ShapeOption | None,
+             out: np.ndarray, counts: FetchCounters, on_throttle, abort, width: int) -> None:
     """On a field thread: the channels `width` at a time (one per permit held), this thread one stripe of them,
     GET threads the others; then wait for all."""
     pool = store.getter.pool
@@ -117,8 +118,8 @@ def _receive(store: Any, field: Field, illums, preprocessing: Preprocessing, out
     def stripe(first: int) -> None:
         for c in range(first, len(field.keys), width):
             abort.check()
-            _channel(store, field.keys[c], field.sizes[c], etags[c] or None, illums[c], preprocessing, out[c],
-                     per_channel[c], on_throttle, abort)
+            _channel(store, field.keys[c], field.sizes[c], etags[c] or None, illums[c], preprocessing, fit,
+                     out[c], per_channel[c], on_throttle, abort)
 
     jobs: list[Future] = [pool.submit(stripe, first) for first in range(1, min(width, len(field.keys)))]
     try:
@@ -142,7 +143,7 @@ def _receive(store: Any, field: Field, illums, preprocessing: Preprocessing, out
 
 
 def _channel(store: Any, key: str, size: int, etag: str | None, illum: np.ndarray | None,
-             preprocessing: Preprocessing, out: np.ndarray, counts: FetchCounters, on_throttle, abort) -> None:
+             preprocessing: Preprocessing, fit: ShapeOption | None, out: np.ndarray, counts: FetchCounters, on_throttle, abort) -> None:
     raw = illum is None or not preprocessing.illum
     raw = raw and preprocessing.rescale is None and preprocessing.daemon_clahe is None
     if raw and out.dtype == np.uint16 and out.flags.c_contiguous:
@@ -154,12 +155,7 @@ def _channel(store: Any, key: str, size: int, etag: str | None, illum: np.ndarra
         sink = BUFFERS.sink()
         data = store.read_blocking(key, size, etag, sink, counts=counts, on_throttle=on_throttle, abort=abort)
     try:
-        image = decode_tiff(data, name=key)
-        if image.shape != out.shape:
-            raise CorruptObjectError(f"{key}: image is {image.shape}, the dataset's fields are {out.shape}")
-        if illum is not None and illum.shape != image.shape:
-            raise CorruptObjectError(f"illumination function for {key} is {illum.shape}, image is {image.shape}")
-        apply_channel(image, illum, preprocessing, out)
+        place_channel(decode_tiff(data, name=key), illum, preprocessing, out, key, fit)
     finally:
         BUFFERS.give_back(data)
 

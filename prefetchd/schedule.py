@@ -8,14 +8,20 @@ a rank's last incomplete batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 
+@functools.lru_cache(maxsize=4)
 def permutation(n_fields: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of all fields (read-only: cached, since every rank of a job shards the same one,
+    and a 3M-field permutation costs most of a second)."""
     rng = np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, int(epoch)]))
-    return rng.permutation(n_fields).astype(np.int64)
+    order = rng.permutation(n_fields).astype(np.int64)
+    order.flags.writeable = False
+    return order
 
 
 def samples_per_rank(n_fields: int, world_size: int, drop_last: bool) -> int:
@@ -40,10 +46,10 @@ def schedule(
         return np.zeros(0, dtype=np.int64)
     order = permutation(n_fields, seed, epoch)
     per_rank = samples_per_rank(n_fields, world_size, drop_last)
-    total = per_rank * world_size
-    if total > n_fields:
-        order = np.resize(order, total)  # pads by repeating from the start, like DistributedSampler
-    mine = order[rank:total:world_size]
+    # Positions rank, rank + world_size, ... of the permutation padded by repeating its head (as
+    # DistributedSampler pads): indexed directly, so the work and memory are O(per_rank), never O(world_size).
+    positions = rank + world_size * np.arange(per_rank, dtype=np.int64)
+    mine = order[positions % n_fields] if per_rank * world_size > n_fields else order[positions]
     if drop_last:
         mine = mine[: (len(mine) // batch_size) * batch_size]
     return mine

@@ -18,13 +18,16 @@ from typing import Any, Callable
 
 from prefetchd import __version__
 from prefetchd.config import Config, apply_reload
+from prefetchd.connections import Admission, Connection, IdleConnection, read_request, until_peer_leaves
 from prefetchd.errors import (AttachConflict, ConfigError, DaemonStopping, ErrorCode, Forbidden, PrefetchdError,
-                              ProtocolError)
+                              ProtocolError, TooManyConnections)
+from prefetchd.illum import IllumStore
 from prefetchd.indexes import IndexRegistry
 from prefetchd.job import EpochEnd, Job
 from prefetchd.jobs import Jobs, job_spec_for
-from prefetchd.listen import bind_control_socket
+from prefetchd.listen import ControlSocket
 from prefetchd.notify import sd_notify, watchdog_interval_s
+from prefetchd.options import check_attach_sizes
 from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.protocol import (MAX_LINE, attach_reply, batch_reply, decode_request, encode, end_of_epoch_reply,
                                 error_reply, internal_error_reply, ok_reply)
@@ -32,15 +35,6 @@ from prefetchd.shm.arena import reap_stale_segments
 from prefetchd.stores import Stores
 
 log = logging.getLogger("prefetchd")
-
-
-@dataclasses.dataclass
-class Connection:
-    """One client connection; after `attach` it speaks for one rank of one job."""
-
-    peer: str
-    job: Job | None = None
-    rank: int | None = None
 
 
 class Server:
@@ -54,18 +48,27 @@ class Server:
         self.started = time.monotonic()
         self.should_exit = asyncio.Event()
         self._connections: set[asyncio.Task] = set()
+        self._holders: dict[tuple[str, int], Connection] = {}   # (job, rank) -> the connection attached as it
+        self.admission = Admission(int(config.get("control.max_connections")),
+                                   int(config.get("control.max_connections_per_peer")))
         self._stack = contextlib.AsyncExitStack()
-        self._server: asyncio.AbstractServer | None = None
+        self.control = ControlSocket(self.socket_path, self._handle, config.get("shm.group"))
         self.stores = Stores(config.tree["s3"], config.tree["disk_cache"])
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self.indexes = IndexRegistry(config.tree["s3"], config.cache_dir, float(config.get("index.wait_s")))
-        self.jobs = Jobs(self.indexes, self.stores, self.pool)
+        self.illum = IllumStore(self.pool, int(config.get("illum.budget_bytes")))   # one for all jobs
+        self.jobs = Jobs(self.indexes, self.stores, self.pool, self.illum)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def serve(self) -> None:
         self._install_signal_handlers()
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:
+            self.control.close()
+            self.control.release()
+            raise
         try:
             await self.main_loop()
         finally:
@@ -76,7 +79,7 @@ class Server:
         if reaped:
             log.warning("removed %d shared-memory segment(s) left by a dead daemon: %s", len(reaped), ", ".join(reaped))
         await self.stores.open(self._stack)
-        self._server = await bind_control_socket(self.socket_path, self._handle, self.config.get("shm.group"))
+        await self.control.bind()
         await self._start_metrics()
         endpoint = self.stores.endpoint or "AWS S3"
         log.info("prefetchd %s listening on %s (S3 endpoint: %s, GETs: %s, decode workers: %d)",
@@ -107,12 +110,12 @@ class Server:
             if watchdog:
                 sd_notify("WATCHDOG=1")  # fed from the loop itself: a hung loop stops feeding it
             await self.jobs.reap_idle(float(self.config.get("job.idle_timeout_s")))
+            await self.control.keep_bound()
 
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")
         log.info("shutting down: %d job(s), %d connection(s)", len(self.jobs), len(self._connections))
-        if self._server is not None:
-            self._server.close()
+        self.control.close()   # no new connections; the socket file goes if it is still ours
         if self._metrics_server is not None:
             self._metrics_server.close()
         await self.jobs.close_all()
@@ -120,11 +123,10 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self.jobs.close_all()  # registered while the first jobs were closing
-        if self._server is not None:
+        if self.control.server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+                await asyncio.wait_for(self.control.server.wait_closed(), 5)
+        self.control.release()
         await self._stack.aclose()
         self.pool.shutdown(wait=True, cancel_futures=True)
         s = self.status()
@@ -137,6 +139,15 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload_config)
+        if float(self.config.get("debug.block_loop_on_sigusr2_s")) > 0:
+            loop.add_signal_handler(signal.SIGUSR2, self._block_loop)
+
+    def _block_loop(self) -> None:
+        """Tests only (debug.block_loop_on_sigusr2_s): hang the event loop the way a bug would, so the
+        watchdog's pings stop and the supervisor (systemd) restarts the daemon."""
+        seconds = float(self.config.get("debug.block_loop_on_sigusr2_s"))
+        log.warning("SIGUSR2: blocking the event loop for %g s (debug.block_loop_on_sigusr2_s)", seconds)
+        time.sleep(seconds)
 
     def _on_signal(self, sig: int) -> None:
         log.info("received %s, draining", signal.Signals(sig).name)
@@ -156,7 +167,10 @@ class Server:
         logging.getLogger().setLevel(str(self.config.get("log_level")).upper())
         self.indexes.wait_s = float(self.config.get("index.wait_s"))
         self.stores.reload(self.config.tree["s3"])  # one limiter: all jobs together, attached or new
+        self.illum.budget_bytes = int(self.config.get("illum.budget_bytes"))
         self.peers = PeerPolicy.from_config(self.config)
+        self.admission.total = int(self.config.get("control.max_connections"))
+        self.admission.per_peer = int(self.config.get("control.max_connections_per_peer"))
         log.info("reloaded config: changed %s", ", ".join(result.changed) or "nothing")
         if result.ignored:
             log.warning("reload: %s changed but need a restart (`systemctl restart prefetchd`); kept the running values",
@@ -167,55 +181,83 @@ class Server:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._connections.add(task)
-        conn = Connection(peer=str(writer.get_extra_info("peername") or "local"))
-        cred = peer_credentials(writer.get_extra_info("socket"))
-        refusal = self.peers.check(cred)
+        sock = writer.get_extra_info("socket")
+        conn = Connection(cred=peer_credentials(sock), sock=sock, task=task)
+        refusal = self.peers.check(conn.cred)
         if refusal is not None:
-            await self._refuse(reader, writer, cred, refusal)
-            self._connections.discard(task)
+            log.warning("refused control connection from %s: %s", conn.cred or "unknown peer", refusal)
+            await _refuse(reader, writer, Forbidden(refusal))
             return
+        refusal = self.admission.admit(conn)
+        if refusal is not None:
+            log_now, unlogged = self.admission.should_log(conn)
+            if log_now:
+                more = f" (and {unlogged} more since the last such line)" if unlogged else ""
+                log.warning("refused control connection from %s: %s%s", conn.peer, refusal, more)
+            await _refuse(reader, writer, TooManyConnections(refusal))
+            return
+        self._connections.add(task)
+        pending = b""
         try:
             while not self.should_exit.is_set():
                 try:
-                    line = await reader.readline()
+                    line = await read_request(reader, conn, pending, float(self.config.get("control.idle_timeout_s")))
                 except (ValueError, asyncio.LimitOverrunError):
                     await _reply(writer, error_reply(ProtocolError(f"request longer than {MAX_LINE} bytes")))
                     break
+                except IdleConnection:
+                    log.info("closed a control connection from %s: no request for %.0f s (control.idle_timeout_s)",
+                             conn.peer, float(self.config.get("control.idle_timeout_s")))
+                    break
                 if not line:
                     break
-                reply = await self._dispatch(line, conn)
+                reply, pending = await self._serve_request(line, conn, reader)
+                if reply is None:
+                    log.info("%s left while rank %s of job %s waited for a batch; the rank is free", conn.peer,
+                             conn.rank, conn.job.spec.job if conn.job else "?")
+                    break
                 await _reply(writer, reply)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:  # a bug in serving one connection must not reach the event loop's handler
+            log.exception("control connection from %s failed", conn.peer)
         finally:
             self._connections.discard(task)
-            if conn.job is not None and conn.rank is not None:
-                conn.job.disconnect_rank(conn.rank)
+            self.admission.leave(conn)
+            self._let_go(conn)
             writer.close()
 
-    async def _refuse(self, reader, writer, cred, reason: str) -> None:
-        log.warning("refused control connection from %s: %s", cred or "unknown peer", reason)
-        try:
-            await _reply(writer, error_reply(Forbidden(reason)))
-            # Consume the peer's first request (bounded) so closing does not reset the reply away.
-            with contextlib.suppress(asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
-                await asyncio.wait_for(reader.readline(), 2.0)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _dispatch(self, line: bytes, conn: Connection) -> dict:
+    async def _serve_request(self, line: bytes, conn: Connection, reader: asyncio.StreamReader) \
+            -> tuple[dict | None, bytes]:
+        """(reply, bytes read ahead); the reply is None if the peer left while a `next` waited for its batch."""
         try:
             request = decode_request(line)
-            handler = getattr(self, "op_" + request.pop("op"))
-            return await handler(conn, **request)
         except PrefetchdError as exc:
+            return error_reply(exc), b""
+        if request["op"] == "next":  # may wait long for a fill: notice if the rank's process goes away
+            return await until_peer_leaves(reader, self._dispatch(request, conn))
+        return await self._dispatch(request, conn), b""
+
+    async def _dispatch(self, request: dict, conn: Connection) -> dict:
+        op = request.pop("op")
+        try:
+            return await getattr(self, "op_" + op)(conn, **request)
+        except PrefetchdError as exc:
+            if op == "attach":
+                log.warning("attach refused (%s) for rank %s of job %s from %s: %s", exc.code, request.get("rank", 0),
+                            request.get("job") or "(default id)", conn.peer, exc.message)
             return error_reply(exc)
         except Exception as exc:  # a bug must not take the daemon or other clients down
-            log.exception("request failed")
+            log.exception("%s request failed", op)
             return internal_error_reply(exc)
+
+    def _let_go(self, conn: Connection) -> None:
+        """The connection is over: its rank (if it still holds one) is free for whoever attaches it next."""
+        if conn.job is not None and conn.rank is not None:
+            if self._holders.get((conn.job.spec.job, conn.rank)) is conn:
+                del self._holders[(conn.job.spec.job, conn.rank)]
+                conn.job.disconnect_rank(conn.rank)
+        conn.job = conn.rank = None
 
     # ---- operations ------------------------------------------------------------------------
 
@@ -236,22 +278,30 @@ class Server:
             raise DaemonStopping("the daemon is shutting down; attach again once it is back")
         if conn.job is not None:
             raise ProtocolError("this connection is already attached; open a new connection per rank")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or local_world_size < 1:
-            raise ProtocolError(f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size; got "
-                                f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        check_attach_sizes(batch_size, rank, world_size, local_world_size)  # before anything is sized from them
         job_spec, spec = job_spec_for(dataset, batch_size, seed, world_size, job, options or {},
                                       self.config.tree["defaults"])
         the_job = await self.jobs.join(job_spec, spec, local_world_size, self.config)
+        previous = the_job.ranks.get(rank)
+        await the_job.orders_ready(rank, previous.epoch if previous is not None else 0)
+        holder = self._holders.get((job_spec.job, rank))
+        if holder is not None and holder.peer_gone():
+            # Its process died (a trainer restarted at once) and the event that says so is still queued.
+            log.info("rank %d of job %s: %s is gone, %s takes the rank over", rank, job_spec.job, holder.peer, conn.peer)
+            self._let_go(holder)
+            if holder.task is not None:
+                holder.task.cancel()  # whatever it was waiting for, nobody reads the reply
         state = the_job.ranks.get(rank)
         if state is not None and state.connected:
             raise AttachConflict(f"rank {rank} of job {job_spec.job} is already attached by another process; "
                                  "give each process its own rank or a different job id", code=ErrorCode.RANK_TAKEN)
         state = the_job.add_rank(rank)
         conn.job, conn.rank = the_job, rank
+        self._holders[(job_spec.job, rank)] = conn
         return attach_reply(job=job_spec.job, layout=the_job.arena.layout.to_dict(), fields=the_job.n_fields,
                             channels=list(spec.channels), batches_per_epoch=the_job.batches_per_epoch,
                             preprocessing=the_job.spec.preprocessing.to_dict(), epoch=state.epoch,
-                            position=state.position)
+                            position=state.position, field_shape=the_job.field_shape_info())
 
     async def op_next(self, conn: Connection, epoch: int, batch: int) -> dict:
         job = self._attached(conn)
@@ -272,6 +322,7 @@ class Server:
     async def op_detach(self, conn: Connection) -> dict:
         job = self._attached(conn)
         job.disconnect_rank(conn.rank, detach=True)
+        self._holders.pop((job.spec.job, conn.rank), None)
         conn.job = conn.rank = None
         if job.all_detached:
             await self.jobs.close(job)
@@ -303,6 +354,10 @@ class Server:
             "shm_bytes": totals["shm_bytes"],
             "slots": totals["slots"],
             "stall_s": totals["stall_s"],
+            "connections": self.admission.count,
+            "connections_refused": self.admission.refused,
+            "illum": self.illum.status(),
+            **self.jobs.shared.status(),
             "indexing": self.indexes.status(),
             "disk_cache": self.stores.disk_status(),
             "concurrency": self.stores.concurrency_status(),
@@ -312,3 +367,16 @@ class Server:
 async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
     writer.write(encode(reply))
     await writer.drain()
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: PrefetchdError) -> None:
+    """One error reply, then close: the peer is not admitted."""
+    try:
+        await _reply(writer, error_reply(error))
+        # Consume the peer's first request (bounded) so closing does not reset the reply away.
+        with contextlib.suppress(asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+            await asyncio.wait_for(reader.readline(), 2.0)
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()

@@ -24,6 +24,12 @@ def concurrency_line(c: dict[str, Any]) -> str:
             f"{_plural(c['decreases'], 'decrease')}, {_plural(c['increases'], 'increase')})")
 
 
+def illum_line(i: dict[str, Any]) -> str:
+    """`48 plates, 4.4 MB of 5,000.0 MB`: the daemon-wide illumination store against its budget."""
+    line = f"{_plural(i['plates'], 'plate')}, {_mb(i['bytes'])} of {_mb(i['budget_bytes'])}"
+    return line + (f", {_plural(i['evictions'], 'eviction')}" if i.get("evictions") else "")
+
+
 def render_status(s: dict[str, Any]) -> Group:
     overview = Table(title=f"prefetchd {s['version']} (pid {s['pid']}) on {s['socket']}", show_header=False)
     overview.add_column("counter", style="bold")
@@ -35,6 +41,10 @@ def render_status(s: dict[str, Any]) -> Group:
         ("cache hits / misses", f"{s['cache_hits']:,} / {s['cache_misses']:,}"),
         ("hit rate", f"{s['hit_rate']:.1%}"),
         ("fetched", f"{_mb(s['bytes_fetched'])} in {s['gets']:,} GETs"),
+        *([("of which illumination", f"{_mb(s['illum_bytes_fetched'])} in {s['illum_gets']:,} GETs")]
+          if "illum_gets" in s else []),
+        *([("illumination held", illum_line(s["illum"]))] if s.get("illum") else []),
+        *([("fields copied between jobs", f"{s['fields_shared']:,}")] if s.get("fields_shared") else []),
         ("fetch rate (10 s)", f"{s['fetch_mb_per_s']:.1f} MB/s"),
         ("GETs in flight", str(s["inflight_requests"])),
         *([("GET concurrency", concurrency_line(s["concurrency"]))] if s.get("concurrency") else []),
@@ -56,12 +66,20 @@ def render_status(s: dict[str, Any]) -> Group:
             jobs.add_column(col)
         for j in s["jobs"]:
             ranks = " ".join(f"{r}:{v['epoch']}:{v['position']}{'' if v['connected'] else '(gone)'}"
+                             + (f" stall {v['stall_s']:.1f}s" if v.get("stall_s") else "")
                              for r, v in j["ranks"].items())
             jobs.add_row(j["job"], f"{j['fields']:,}", ranks, f"{j['fields_served']:,}", f"{j['hit_rate']:.1%}",
-                         f"{j['hit_rate_bound']:.1%}", f"{j['fields_fetched']:,}", f"{j['stall_s']:.2f} s",
+                         f"{j['hit_rate_bound']:.1%}", f"{j['fields_fetched']:,}"
+                         + (f" (+{j['fields_shared']:,} copied)" if j.get("fields_shared") else ""), f"{j['stall_s']:.2f} s",
                          " ".join(f"{k.lower()} {v}" for k, v in j["slots"].items() if v))
         parts.append(jobs)
         for j in s["jobs"]:
+            if shape := j.get("field_shape"):
+                how = f" ({shape['option']['mode']})" if shape.get("option") else ""
+                parts.append(f"{j['job']}: fields {'×'.join(map(str, shape['size']))}{how}; "
+                             f"{'; '.join(shape['sources'])}")
             for q in j["quarantined"][:10]:
                 parts.append(f"[red]quarantined[/red] {q['field']}: {q['reason']}")
+    if (s.get("illum") or {}).get("warning"):
+        parts.append(f"[yellow]warning[/yellow] {s['illum']['warning']}")
     return Group(*parts)

@@ -83,6 +83,11 @@ class Stores:
             "inflight_requests": c.inflight,
             "retries": c.retries,
             "fetch_errors": c.errors,
+            # `gets` and `bytes_fetched` count both; illumination files apart from images:
+            "image_gets": c.gets - c.illum_gets,
+            "image_bytes_fetched": c.bytes_fetched - c.illum_bytes,
+            "illum_gets": c.illum_gets,
+            "illum_bytes_fetched": c.illum_bytes,
         }
 
     def concurrency_status(self) -> dict[str, Any]:

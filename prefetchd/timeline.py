@@ -37,6 +37,8 @@ class RankState:
     connected: bool = True
     detached: bool = False
     think_s: float = 0.0                # moving average: from a batch handed out to the next request
+    stall_s: float = 0.0                # summed waits in `next` for batches not ready
+    batches: int = 0                    # batches handed out
     replied_at: float | None = None
 
     def asked(self, alpha: float = 0.3) -> None:
@@ -87,13 +89,22 @@ class Timeline:
     # ---- orders ------------------------------------------------------------------------------
 
     def order(self, rank: int, epoch: int) -> np.ndarray:
-        key = (rank, epoch)
-        order = self._orders.get(key)
+        order = self._orders.get((rank, epoch))
         if order is None:
-            order = schedule(self.n_fields, self.seed, epoch, rank, self.world_size, self.batch_size, self.drop_last)
-            self._orders[key] = order
-            for old in [k for k in self._orders if k[0] == rank and k[1] < epoch - 1]:
-                self._orders.pop(old)
+            order = self.put(rank, epoch, self.compute(rank, epoch))
+        return order
+
+    def has(self, rank: int, epoch: int) -> bool:
+        return (rank, epoch) in self._orders
+
+    def compute(self, rank: int, epoch: int) -> np.ndarray:
+        """The schedule of (rank, epoch); pure, so it may run off the event loop (`Job.orders_ready`)."""
+        return schedule(self.n_fields, self.seed, epoch, rank, self.world_size, self.batch_size, self.drop_last)
+
+    def put(self, rank: int, epoch: int, order: np.ndarray) -> np.ndarray:
+        self._orders[(rank, epoch)] = order
+        for old in [k for k in self._orders if k[0] == rank and k[1] < epoch - 1]:
+            self._orders.pop(old)
         return order
 
     def batch(self, rank: int, epoch: int, batch: int) -> list[int]:

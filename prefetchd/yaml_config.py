@@ -24,6 +24,7 @@ class Schema:
     choices: Mapping[str, tuple] = field(default_factory=dict)   # dotted key -> the accepted values
     free_form: tuple[str, ...] = ()       # dotted keys (false or a mapping) whose contents their consumer checks
     required: tuple[str, ...] = ()        # dotted keys that must end up set (not null or empty)
+    derived: Mapping[str, str] = field(default_factory=dict)  # dotted key computed from others -> what to set
     non_negative: bool = False            # numbers must be >= 0
     error: type[Exception] = ConfigError
     example: str = "section.key=value"    # an override, shown when one is not key=value
@@ -86,6 +87,8 @@ class Schema:
 
     def check(self, path: str, value: Any, ref: Any) -> Any:
         """`value` for the key `path` whose default is `ref`, converted to its type, or an error naming it."""
+        if path in self.derived and value is not None:
+            raise self.error(self.derived[path])
         if path in self.choices:
             accepted = self.choices[path]
             if not isinstance(value, (bool, str)) or value not in accepted:

@@ -86,8 +86,26 @@ def synthetic(s3, tmp_path_factory) -> Synthetic:
     return Synthetic(s3.endpoint_url, bucket, manifest.spec.prefix, root, manifest)
 
 
+@pytest.fixture(scope="session")
+def many_plates(s3, tmp_path_factory) -> Synthetic:
+    """The counts that matter: 48 plates over 2 batches (96 fields, 5 × 48² each), each plate with its 5
+    illumination files, in a public-read bucket."""
+    root = tmp_path_factory.mktemp("many-plates")
+    manifest = synth.write_plates(root, synth.many_plates_spec(48))
+    bucket = "many-plates"
+    synth.upload(manifest, s3.endpoint_url, bucket)
+    return Synthetic(s3.endpoint_url, bucket, manifest.spec.prefix, root, manifest)
+
+
 # ---------------------------------------------------------------------------------------------
 # The daemon, as users run it: `python -m prefetchd serve ...` in its own process.
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (at the moment of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shm_segments() -> set[str]:

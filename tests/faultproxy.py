@@ -78,6 +78,7 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.port: int | None = None
 
     @property
@@ -155,6 +156,11 @@ class FaultProxy:
         return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio keeps only weak references to connection tasks: one waiting on a dropped client could be
+        # garbage-collected mid-await ("Task was destroyed but it is pending!"). Hold it until it ends.
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -117,3 +117,16 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
     assert md.startswith("# Benchmarks")
     assert "## Real trainer as the consumer" in md and "baseline-u16 (guide DataLoader" in md
     assert np.isfinite(results["total_s"])
+
+
+def test_field_shape_bench_prints_every_case_with_its_ratio(capsys):
+    from bench.field_shape import main
+
+    main(["--rounds", "1", "--channels", "1", "--raw"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and "crop" in lines[3] and "pad" in lines[4]
+    import re
+
+    for line in lines[1:]:
+        ms, ratio = re.search(r"([\d.]+) ms/field +([\d.]+)×", line).groups()
+        assert float(ms) > 0 and float(ratio) > 0

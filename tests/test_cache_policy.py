@@ -394,7 +394,9 @@ def test_daemon_belady_misses_and_gets_equal_the_offline_bound_and_lru_is_not_be
         results[policy] = (misses, job, status["gets"] - gets_before)
     misses, job, gets = results["belady"]
     assert all(abs(m - b) <= 1 for m, b in zip(misses, bound)), (misses, bound)
-    assert job["evicted_unused"] == 0
+    # MIN's own prefetches are never thrown away unused; a guarded eviction (latency first: this consumer keeps
+    # a batch longer than a fill takes once fills are fast) may evict a field not read yet, e.g. a shape sample
+    assert job["evicted_unused"] <= job["guarded_evictions"]
     # every miss is one fetch of 5 channels; a prefetch beyond the last epoch may add a few unused fields
     assert gets == 5 * job["fields_fetched"]
     assert sum(misses) <= job["fields_fetched"] <= sum(misses) + cache_size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import types
 
 import pytest
@@ -10,6 +9,8 @@ import pytest
 from prefetchd.check import cli_check, run_checks
 from prefetchd.config import Config
 from prefetchd.dataset import parse_dataset
+
+from conftest import free_port
 
 PREFIX = "cpg0000-jump-pilot/source_4/images"
 KEY = (f"{PREFIX}/2020_11_04_CPJUMP1/images/BR00116991__2020-11-05T19_51_35-Measurement1/Images/"
@@ -39,11 +40,6 @@ def spec(bucket: str, prefix: str = PREFIX):
     return parse_dataset(f"JUMPS3MultiView:bucket={bucket}:prefix={prefix}")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def names_and_status(results) -> list[tuple[str, bool]]:
     return [(r.name, r.ok) for r in results]
@@ -70,7 +66,7 @@ async def test_dns_failure(s3cfg):
 
 
 async def test_endpoint_down(s3cfg):
-    results = await run_checks(spec("x"), {**s3cfg, "endpoint_url": f"http://127.0.0.1:{closed_port()}"})
+    results = await run_checks(spec("x"), {**s3cfg, "endpoint_url": f"http://127.0.0.1:{free_port()}"})
     assert names_and_status(results)[-1] == ("TCP connect", False)
     assert "endpoint is down" in results[-1].line()
 

@@ -71,14 +71,13 @@ def test_monotone_within_a_tile(cell):
     g = C.geometry(256, 256, 3.0, 8, 256)
     # one tile's inner core (pixels whose four interpolation weights are the same tile) maps monotonically
     y0, x0 = g.tile_h * 2 + g.tile_h // 2, g.tile_w * 2 + g.tile_w // 2
-    ramp = np.tile(np.linspace(0, 65535, 65536 // 64, dtype=np.float64).astype(np.uint16), (256, 1))[:, :256]
     base = img.copy()
     out_vals = []
     for v in np.linspace(0, 65535, 300).astype(np.uint16):
         base[y0, x0] = v
         out_vals.append(int(C.clahe(base, 3.0, 8, 256)[y0, x0]))
     assert all(b >= a for a, b in zip(out_vals, out_vals[1:]))
-    assert ramp.dtype == np.uint16
+    assert out_vals[-1] > out_vals[0]  # the pixel really moved through the mapping
 
 
 def test_precision_ramp_keeps_many_more_levels():

@@ -36,11 +36,11 @@ def test_other_layouts_decode_to_the_same_pixels(kw):
     np.testing.assert_array_equal(decode_tiff(tiff_bytes(IMAGE, **kw)), IMAGE)
 
 
-def test_8_bit_planes_are_widened_not_rescaled():
-    small = RNG.integers(0, 255, (8, 9), dtype=np.uint8)
-    out = decode_tiff(tiff_bytes(small))
-    assert out.dtype == np.uint16
-    np.testing.assert_array_equal(out, small)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint32, np.float32])
+def test_planes_that_are_not_uint16_are_refused_with_the_reason(dtype):
+    plane = RNG.integers(0, 255, (8, 9)).astype(dtype)
+    with pytest.raises(CorruptObjectError, match=f"x.tiff: pixels are {np.dtype(dtype).name}, expected uint16"):
+        decode_tiff(tiff_bytes(plane), name="x.tiff")
 
 
 @pytest.mark.parametrize("cut", [8, 100, 3000])

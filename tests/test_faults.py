@@ -60,10 +60,16 @@ def test_transient_faults_are_retried_and_pixels_are_exact(daemon, synthetic, pr
     assert fired == {"503": 3, "500": 2, "reset": 2, "truncate": 2, "stall": 1}
     status = request("status", d.socket)
     assert status["quarantined"] == 0
-    # botocore retries 5xx itself; broken and short bodies are our retries
-    assert status["retries"] >= fired["reset"] + fired["truncate"] + fired["stall"]
     object_gets = [r for r in proxy.log if r.method == "GET" and ".tiff" in r.path]
-    assert len(object_gets) == 5 * 24 + sum(fired.values())  # each fault cost exactly one more GET
+    # every faulted GET was retried until a clean copy of the same object came through
+    for i, record in enumerate(object_gets):
+        if record.fault:
+            assert any(later.path == record.path and not later.fault for later in object_gets[i + 1:]), record
+    # Each fault cost one more GET of that object, never a refetch of the whole field: every GET beyond the
+    # first of an object is a retry the daemon counted. A loaded machine may add a read-timeout retry of its
+    # own (s3.read_timeout_s is short so the stall test stays fast), hence >= and not ==.
+    assert len(object_gets) == 5 * 24 + status["retries"]
+    assert status["retries"] >= sum(fired.values())
 
 
 def test_objects_that_stay_bad_are_quarantined_and_substituted(daemon, synthetic, proxy):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
-import socket
 import types
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from prefetchd.errors import EmptyDatasetError, StorageError
 from prefetchd.index import build_index, cli_index
 from prefetchd.index_cache import cache_file, cache_write_message
 from prefetchd.storage_errors import classify_storage_error
+
+from conftest import free_port
 
 PREFIX = "cpg0000-jump-pilot/source_4/images"
 B1, B2 = "2020_11_04_CPJUMP1", "2020_11_18_CPJUMP1_TimepointDay1"
@@ -119,11 +120,11 @@ async def test_incomplete_unparsed_and_illum(bucket, s3cfg, tmp_path):
     index = await build_index(spec_for(bucket), s3cfg, tmp_path)
     assert index.incomplete == 1
     assert index.unparsed == 3 and sorted(index.unparsed_examples) == sorted(dataset_keys()["unparsed"])
-    assert index.illum[f"{B1}/BR00116991"] == tuple(illum_key(B1, "BR00116991", s)
+    assert index.illum[f"source_4/{B1}/BR00116991"] == tuple(illum_key(B1, "BR00116991", s)
                                                     for s in ("DNA", "ER", "RNA", "AGP", "Mito"))
-    assert index.illum[f"{B2}/BR00116991"] == (illum_key(B2, "BR00116991", "DNA"), None, None, None, None)
+    assert index.illum[f"source_4/{B2}/BR00116991"] == (illum_key(B2, "BR00116991", "DNA"), None, None, None, None)
     plates = {f.plate: f.illum_plate for f in index.fields}
-    assert plates == {P1: f"{B1}/BR00116991", P1B: f"{B2}/BR00116991", P2: None}
+    assert plates == {P1: f"source_4/{B1}/BR00116991", P1B: f"source_4/{B2}/BR00116991", P2: None}
 
 
 @pytest.mark.parametrize("below", [f"/{B1}/images/{P1}", f"/{B1}/images/{P1}/Images"])
@@ -131,8 +132,8 @@ async def test_a_prefix_below_the_batch_still_finds_the_plates_illum(bucket, s3c
     spec = parse_dataset(f"JUMPS3MultiView:bucket={bucket}:prefix={PREFIX}{below}")
     index = await build_index(spec, s3cfg, tmp_path)
     assert {f.plate for f in index.fields} == {P1}
-    assert {f.illum_plate for f in index.fields} == {f"{B1}/BR00116991"}
-    assert index.illum[f"{B1}/BR00116991"][0] == illum_key(B1, "BR00116991", "DNA")
+    assert {f.illum_plate for f in index.fields} == {f"source_4/{B1}/BR00116991"}
+    assert index.illum[f"source_4/{B1}/BR00116991"][0] == illum_key(B1, "BR00116991", "DNA")
 
 
 async def test_brightfield_only_when_asked_and_cache_shared(bucket, s3cfg, tmp_path):
@@ -143,7 +144,7 @@ async def test_brightfield_only_when_asked_and_cache_shared(bucket, s3cfg, tmp_p
     assert bright.channels == ("Brightfield", "DNA") and len(bright) == 5
     assert bright.incomplete == 2                  # P2's two fields have no brightfield
     assert bright.fields[0].keys[0].endswith("-ch8sk1fk1fl1.tiff")
-    assert bright.illum[f"{B1}/BR00116991"][0].endswith("_IllumBrightfield.npy")
+    assert bright.illum[f"source_4/{B1}/BR00116991"][0].endswith("_IllumBrightfield.npy")
 
 
 async def test_max_samples_is_an_even_spread(bucket, s3cfg, tmp_path):
@@ -276,16 +277,11 @@ async def test_local_walk_matches_list(bucket, s3cfg, tmp_path):
     local = await build_index(parse_dataset(f"JUMPLocal:root={root / PREFIX}"), {}, tmp_path / "b")
     assert [f.id for f in local.fields] == listed.ids
     assert [tuple(f"{PREFIX}/{k}" for k in f.keys) for f in local.fields] == [f.keys for f in listed.fields]
-    assert (local.incomplete, local.unparsed, local.illum.keys()) == (1, 3, {f"{B1}/BR00116991",
-                                                                             f"{B2}/BR00116991"})
+    assert (local.incomplete, local.unparsed, local.illum.keys()) == (1, 3, {f"source_4/{B1}/BR00116991",
+                                                                             f"source_4/{B2}/BR00116991"})
 
 
 # ---- errors: one line that says what to change ---------------------------------------------------
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_dns_failure_names_the_host(tmp_path, s3cfg):
@@ -297,7 +293,7 @@ async def test_dns_failure_names_the_host(tmp_path, s3cfg):
 
 
 async def test_connection_refused_names_the_endpoint(tmp_path, s3cfg):
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError) as caught:
         await build_index(spec_for("jump-index"), {**s3cfg, "endpoint_url": url}, tmp_path)
     assert caught.value.code == "connection_refused"
@@ -323,7 +319,7 @@ async def test_nothing_matches_the_layout(s3, s3cfg, tmp_path):
     spec = parse_dataset("JUMPS3MultiView:bucket=jump-junk:prefix=junk")
     with pytest.raises(EmptyDatasetError) as caught:
         await build_index(spec, s3cfg, tmp_path)
-    assert "match the JUMP image layout" in caught.value.message
+    assert "match a JUMP image layout" in caught.value.message
     assert sum(key in caught.value.message for key in junk) == 3
 
 
@@ -372,7 +368,7 @@ def test_cli_index_keys_file_fills_the_datasets_cache(bucket, s3, tmp_path, caps
 def test_cli_index_error_is_one_line(tmp_path, capsys):
     config = Config.load(overrides=[f"cache_dir={tmp_path}", "s3.retries=0"])
     args = types.SimpleNamespace(dataset=spec_for("jump-index").text,
-                                 endpoint_url=f"http://127.0.0.1:{closed_port()}", keys_file=None, refresh=True)
+                                 endpoint_url=f"http://127.0.0.1:{free_port()}", keys_file=None, refresh=True)
     assert cli_index(args, config) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: connection refused") and err.count("\n") == 1

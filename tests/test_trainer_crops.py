@@ -84,3 +84,47 @@ def test_synthetic_source_serves_the_daemon_schedule_in_batches():
     assert batches[0].images.dtype == np.uint16 and not batches[0].images.flags.writeable
     resumed = list(source.epoch(0, start_batch=1))
     assert resumed[0].ids == batches[1].ids
+
+
+def _micron_ramp(pixel_size_um: float, size: int = 240) -> torch.Tensor:
+    """A field whose value at each pixel is its x position in µm: a crop's slope is µm per output pixel."""
+    x = torch.arange(size, dtype=torch.float32) * pixel_size_um
+    return x.expand(1, 1, size, size).clone()
+
+
+def _microns_per_output_pixel(augment, pixel_size_um: float) -> float:
+    crops = augment(_micron_ramp(pixel_size_um), torch.Generator().manual_seed(3),
+                    pixel_size_um=np.array([pixel_size_um], np.float32))
+    g = crops["global_crops"]
+    return float((g[..., 1:] - g[..., :-1]).mean())
+
+
+def test_scale_aware_crops_cover_the_same_microns_whatever_the_pixel_size():
+    kw = dict(intensity_jitter=0.0, flip_probability=0.0, global_crops_scale=(0.2, 0.3))
+    aware = _augment("all_channels", pixel_size_um=0.65, **kw)
+    phenix, coarse = _microns_per_output_pixel(aware, 0.598), _microns_per_output_pixel(aware, 0.8)
+    assert phenix == pytest.approx(coarse, rel=2e-3)
+    plain = _augment("all_channels", **kw)   # crops as fractions of the field: µm per pixel follows the microscope
+    assert _microns_per_output_pixel(plain, 0.8) / _microns_per_output_pixel(plain, 0.598) == pytest.approx(0.8 / 0.598, rel=2e-3)
+    # the reference scale itself: a 0.65 µm field is cropped as without it
+    assert _microns_per_output_pixel(aware, 0.65) == pytest.approx(_microns_per_output_pixel(plain, 0.65), rel=1e-6)
+
+
+def test_fields_of_unknown_pixel_size_are_cropped_as_without_scale_awareness():
+    kw = dict(intensity_jitter=0.0, flip_probability=0.0)
+    x = _micron_ramp(0.7).expand(2, 1, 240, 240)
+    a = _augment("all_channels", pixel_size_um=0.65, **kw)(x, torch.Generator().manual_seed(1),
+                                                           pixel_size_um=np.array([np.nan, np.nan], np.float32))
+    b = _augment("all_channels", **kw)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["local_crops"], b["local_crops"])
+
+
+def test_reference_pixel_size_is_validated_in_one_line():
+    from trainer.data.augmentations import make_augmentation
+    from trainer.config import load_config
+    from trainer.errors import TrainerError
+
+    cfg = load_config(None, ["crops.pixel_size_um=0.65"], require=False)
+    assert make_augmentation(cfg).pixel_size_um == 0.65
+    with pytest.raises(TrainerError, match="crops.pixel_size_um must be null"):
+        make_augmentation(load_config(None, ["crops.pixel_size_um=-1"], require=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from prefetchd.shm.arena import read_owner_pid
 from trainer.embed import main as embed_main
 from trainer.train.train import main as train_main
+
+from prefetchd.shm.arena import read_owner_pid
 
 from conftest import REPO_ROOT, shm_segments
 
@@ -64,15 +68,17 @@ def test_training_logs_checkpoints_and_resumes_exactly(synthetic, daemon, tmp_pa
     assert [m["first_id"] for m in stitched] == [m["first_id"] for m in uninterrupted]
     assert [m["loss"] for m in stitched] == [m["loss"] for m in uninterrupted]
     assert uninterrupted[3]["data_epoch"] == 1 and uninterrupted[3]["batch_index"] == 0
-    for key in ("loss", "dino_loss", "koleo_loss", "lr", "wd", "samples_per_s", "data_wait_share",
-                "daemon_hit_rate", "daemon_fetch_mb_per_s"):
+    for key in ("loss", "dino_loss", "koleo_loss", "ibot_loss", "lr", "wd", "samples_per_s", "fields_per_s",
+                "data_wait_share", "daemon_hit_rate", "daemon_fetch_mb_per_s"):
         assert key in uninterrupted[-1]
     assert f"log: checkpoints/full/logs/log.txt" in full.stdout.replace(str(tmp_path) + "/", "")
 
     state = torch.load(run / "ckpt" / "model_0000006.pth", weights_only=True)
     assert (run / "ckpt" / "model_0000004.pth").exists()
-    assert state["iteration"] == 6 and state["data"] == {"epoch": 2, "batch": 0}
-    assert {"student", "teacher", "optimizer", "dino_loss", "rng", "config"} <= set(state)
+    assert state["iteration"] == 6 and state["data"] == {"epoch": 2, "samples": 0}
+    at_4 = torch.load(run / "ckpt" / "model_0000004.pth", weights_only=True)
+    assert at_4["data"] == {"epoch": 1, "samples": 8}  # one batch of 8 into data epoch 1
+    assert {"student", "teacher", "optimizer", "dino_loss", "ibot_patch_loss", "rng", "config"} <= set(state)
     final_part = torch.load(tmp_path / "checkpoints" / "part" / "ckpt" / "model_0000006.pth", weights_only=True)
     for key, value in state["teacher"].items():
         assert torch.equal(value, final_part["teacher"][key]), key
@@ -101,12 +107,37 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     _assert_one_line(capsys, train_main(["--resume", str(garbage), "--no-wandb"]), "cannot read checkpoint")
     _assert_one_line(capsys, embed_main(["--checkpoint", str(garbage)]), "cannot read checkpoint")
     _assert_one_line(capsys, train_main(["--config", str(TINY), "optim.lrr=1"]), "accepted keys here: optim.epochs")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), f"train.output_dir={tmp_path}", "train.samples_per_field=0"]),
+                     "train.samples_per_field must be 1 or more")
+    _assert_one_line(capsys, train_main(["--config", str(TINY), f"train.output_dir={tmp_path}",
+                                         "ibot.mask_ratio_min_max=[0.5,0.2]"]), "ibot.mask_ratio_min_max must be")
+    old = tmp_path / "old.pth"
+    torch.save({"format": 1, "student": {}, "teacher": {}, "optimizer": {}, "iteration": 1, "data": {},
+                "channels": [], "config": {}}, old)
+    _assert_one_line(capsys, train_main(["--resume", str(old), "--no-wandb"]), "checkpoint format 1")
     missing = tmp_path / "c.yaml"
     missing.write_text("optim:\n  epochs: 1\n")
     _assert_one_line(capsys, train_main(["--config", str(missing)]), "missing config key train.dataset_path")
     _assert_one_line(capsys, train_main(["--config", str(TINY), "--no-wandb", f"train.output_dir={tmp_path}",
                                  "train.dataset_path=JUMPLocal:root=/nonexistent",
                                  f"s3.socket={tmp_path / 'none.sock'}"]), "no prefetchd daemon is listening")
+
+
+def test_run_folder_is_named_after_the_config_and_never_reused_silently(tmp_path, capsys):
+    args = ["--config", str(TINY), "--no-wandb", f"train.output_dir={tmp_path}",
+            "train.dataset_path=Synthetic:fields=16:size=48", "train.stop_after_iters=1"]
+    assert train_main(args) == 0
+    assert len(_log(tmp_path / "test_tiny")) == 1  # checkpoints/<config name>/logs/log.txt
+    capsys.readouterr()
+    _assert_one_line(capsys, train_main(args), f"{tmp_path / 'test_tiny'} already holds a run; continue it with --resume")
+    assert len(_log(tmp_path / "test_tiny")) == 1  # untouched
+    assert train_main([*args[:-1], "--resume", "train.stop_after_iters=2"]) == 0  # the config's run
+    assert [m["iteration"] for m in _log(tmp_path / "test_tiny")] == [1, 2]
+    capsys.readouterr()
+    _assert_one_line(capsys, train_main([*args[:-1], "--resume", "student.num_register_tokens=3"]),
+                     "the checkpoint's model differs from this config's")
+    assert train_main([*args, "--run-name", "other"]) == 0
+    assert len(_log(tmp_path / "other")) == 1
 
 
 def test_wandb_goes_offline_with_a_notice_when_not_logged_in(synthetic, daemon, tmp_path):
@@ -134,9 +165,11 @@ def test_launcher_starts_and_stops_a_daemon_when_none_answers(synthetic, tmp_pat
          "train.stop_after_iters=2"],
         cwd=tmp_path, env=_env(PREFETCHD_SOCKET=str(sock)), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
-    assert "started one for this run" in result.stderr
+    started = re.search(r"started one for this run \(pid (\d+)", result.stderr)
+    assert started, result.stderr
     assert len(_log(tmp_path / "checkpoints" / "L")) == 2
-    assert not sock.exists() and shm_segments() - before == set()
+    leaked = {name for name in shm_segments() - before if read_owner_pid(name) == int(started.group(1))}
+    assert not sock.exists() and leaked == set()  # only that daemon's segments: others may run on this machine
 
 
 def test_launcher_without_daemon_or_permission_to_start_one_is_one_line(tmp_path):

@@ -22,21 +22,27 @@ DEFAULTS = Path(__file__).parent / "configs" / "ssl_default_config.yaml"
 REQUIRED = ("train.dataset_path",)
 CHOICES = {
     "train.multiview_mode": ("channel_as_view", "all_channels"),
+    "train.centering": ("centering", "sinkhorn_knopp"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base"),
     "s3.policy": Policy.names(),
     "compute_precision.param_dtype": ("bf16", "fp32"),
 }
+# Keys computed from others (DINOv2 sets optim.lr from optim.base_lr): setting one names the key to set.
+DERIVED = {
+    "optim.lr": "optim.lr is computed from optim.base_lr (the lr for a global batch of 1024) and "
+                "optim.scaling_rule; set optim.base_lr instead",
+}
 # Option blocks that may be `false` or a mapping; the daemon validates their contents.
-FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe")
+FREE_FORM = ("s3.illum", "s3.rescale", "s3.clahe", "s3.shape")
 
 
 def load_defaults() -> dict[str, Any]:
     return yaml.safe_load(DEFAULTS.read_text())
 
 
-SCHEMA = Schema(load_defaults(), choices=CHOICES, free_form=FREE_FORM, required=REQUIRED, error=TrainerError,
-                example="optim.epochs=10")
+SCHEMA = Schema(load_defaults(), choices=CHOICES, free_form=FREE_FORM, required=REQUIRED, derived=DERIVED,
+                error=TrainerError, example="optim.epochs=10")
 parse_override = SCHEMA.parse_override
 
 

@@ -166,6 +166,26 @@ def test_spec(seed: int = 0) -> SynthSpec:
 
 test_spec.__test__ = False  # not a pytest test, despite the name
 
+BATCH_NAMES = ("2020_11_04_CPJUMP1", "2020_11_18_CPJUMP1_TimepointDay1", "2020_12_08_CPJUMP1_Bleaching")
+
+
+def many_plates_spec(plates: int, batches: int = 2, wells: int = 1, sites: int = 2, height: int = 48,
+                     width: int | None = None, seed: int = 0) -> SynthSpec:
+    """Dozens of plates at the real counts that matter: `plates` plates spread round-robin over `batches` batch
+    folders, each plate with its 5 illumination files; small images by default. Plate codes (the signature)
+    are distinct for up to a few hundred plates (checked: a collision raises)."""
+    if not 1 <= batches <= len(BATCH_NAMES):
+        raise ValueError(f"batches must be 1..{len(BATCH_NAMES)}")
+    by_batch: dict[str, list[tuple[str, str]]] = {name: [] for name in BATCH_NAMES[:batches]}
+    for p in range(plates):
+        by_batch[BATCH_NAMES[p % batches]].append((f"BR{p + 1:08d}", f"2020-11-{5 + p % 20:02d}T19_{p % 60:02d}_35"))
+    spec = SynthSpec(batches={b: tuple(v) for b, v in by_batch.items()}, wells=balanced_wells(wells), sites=sites,
+                     height=height, width=width or height, seed=seed)
+    codes = {plate_code(plate.folder) for plate in spec.plates}
+    if len(codes) != len(spec.plates):
+        raise ValueError("two plates share a signature code: choose another plate count")
+    return spec
+
 
 # ---------------------------------------------------------------------------------------------
 # Keys and wells

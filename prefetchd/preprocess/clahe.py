@@ -82,10 +82,18 @@ def pad_for_tiles(image: np.ndarray, g: Geometry) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, g.pad_bottom, 0, g.pad_right, cv2.BORDER_REFLECT_101)
 
 
+# Bounds on what one attach may ask the decode workers to do (`check_params(bounded=True)`). A clip limit at or above `bins` already means
+# "no clipping", so 65536 loses nothing; the tables of one image hold tile_grid² × bins entries.
+MAX_CLIP_LIMIT = 65536.0
+MAX_TILE_GRID = 64
+MAX_TABLE_ENTRIES = 1 << 24      # 64 tiles² × 4096 bins, 16 tiles² × 65536 bins
+
+
 def check_params(clip_limit: float, tile_grid, bins: int, *, error: type[Exception] = ValueError,
-                 prefix: str = "") -> None:
+                 prefix: str = "", bounded: bool = False) -> None:
     """The one check of CLAHE's parameters, for the kernels (ValueError) and the config (`error`, `prefix`
-    "clahe.")."""
+    "clahe."). `bounded` (what a client may ask for) also caps the work per image, so that no request can
+    make the decode workers allocate or loop without limit; the kernels themselves take any size."""
     if not 2 <= int(bins) <= MAX_BINS:
         raise error(f"{prefix}bins must be an integer in [2, {MAX_BINS}], got {bins}")
     tx, ty = tile_counts(tile_grid)
@@ -93,6 +101,18 @@ def check_params(clip_limit: float, tile_grid, bins: int, *, error: type[Excepti
         raise error(f"{prefix}tile_grid must be an integer >= 1, got {tile_grid}")
     if not clip_limit > 0:
         raise error(f"{prefix}clip_limit must be > 0, got {clip_limit:g}")
+    if not bounded:
+        return
+    if tx > MAX_TILE_GRID or ty > MAX_TILE_GRID:
+        raise error(f"{prefix}tile_grid must be an integer >= 1 and <= {MAX_TILE_GRID} (tiles per side; 8 is "
+                    f"usual), got {tile_grid}")
+    if clip_limit > MAX_CLIP_LIMIT:
+        raise error(f"{prefix}clip_limit must be > 0 and <= {MAX_CLIP_LIMIT:g} (at or above bins it no longer "
+                    f"limits anything; ours defaults to 3, OpenCV's to 40), got {clip_limit:g}")
+    if tx * ty * int(bins) > MAX_TABLE_ENTRIES:
+        raise error(f"{prefix}tile_grid² × {prefix}bins must be at most {MAX_TABLE_ENTRIES} table entries per "
+                    f"image, got {tile_grid}² × {bins}: lower tile_grid (at most "
+                    f"{math.isqrt(MAX_TABLE_ENTRIES // int(bins))} with {bins} bins) or bins")
 
 
 def check_args(image: np.ndarray, clip_limit: float, tile_grid, bins: int) -> None:

@@ -49,7 +49,8 @@ def _number(name: str, value: Any, accepted: str) -> float:
 
 
 def _integer(name: str, value: Any, accepted: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise ConfigError(f"{name} must be an integer {accepted}, got {value!r}")
     return int(value)
 
@@ -69,7 +70,7 @@ def parse_clahe(clahe: Any) -> ClaheOptions | None:
     clip = _number("clahe.clip_limit", clahe.get("clip_limit", DEFAULT_CLAHE.clip_limit), "> 0")
     tiles = _integer("clahe.tile_grid", clahe.get("tile_grid", DEFAULT_CLAHE.tile_grid), ">= 1")
     bins = _integer("clahe.bins", clahe.get("bins", DEFAULT_CLAHE.bins), "in [2, 65536]")
-    check_params(clip, tiles, bins, error=ConfigError, prefix="clahe.")
+    check_params(clip, tiles, bins, error=ConfigError, prefix="clahe.", bounded=True)
     where = clahe.get("where", DEFAULT_CLAHE.where)
     if where not in WHERE:
         raise ConfigError(f"clahe.where must be one of {', '.join(WHERE)}, got {where!r}")

@@ -11,6 +11,7 @@ Only the daemon creates, writes and unlinks arenas. Segments live in /dev/shm as
 from __future__ import annotations
 
 import enum
+import hashlib
 import mmap
 import os
 import re
@@ -55,8 +56,13 @@ def _align(n: int, to: int = PAGE) -> int:
 
 
 def arena_name(job: str) -> str:
+    """`prefetchd-<job>`; a job id that is not kept as is (characters outside [A-Za-z0-9_.-], or longer than
+    200) also gets `~` and a hash of the original, so distinct ids never share a segment (`team/run1` and
+    `team_run1`). Ids kept as is never contain `~`."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job)[:200]
-    return PREFIX + safe
+    if safe == job:
+        return PREFIX + safe
+    return f"{PREFIX}{safe}~{hashlib.sha256(job.encode()).hexdigest()[:12]}"
 
 
 def list_segments() -> list[str]:
@@ -134,8 +140,7 @@ class Arena:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         except FileExistsError:
-            raise ShmError(f"shared memory segment {path} already exists; another daemon owns it "
-                           f"or a crashed one left it: remove it with `rm {path}`") from None
+            raise ShmError(_exists_message(path)) from None
         try:
             os.fchmod(fd, mode)  # the umask must not widen or narrow what the config asked for
             if gid is not None:
@@ -249,6 +254,19 @@ def read_owner_pid(name: str) -> int | None:
     if header["magic"] != MAGIC:
         return None
     return int(header["owner_pid"])
+
+
+def _exists_message(path: Path) -> str:
+    """What to do about a segment that is in the way: never tell the user to delete a live job's arena."""
+    owner = read_owner_pid(path.name)
+    if owner is not None and owner != os.getpid() and _alive(owner):
+        return (f"shared memory segment {path} belongs to a job of another running prefetchd daemon (pid {owner}): "
+                "attach with a different job id, or to that daemon's socket")
+    if owner is not None and owner != os.getpid():
+        return (f"shared memory segment {path} was left by a prefetchd daemon that is gone (pid {owner}) and "
+                f"could not be reaped (another user's?): remove it with `rm {path}`")
+    return (f"shared memory segment {path} already exists and is not an arena of a running daemon: "
+            f"attach with a different job id, or remove it with `rm {path}` if nothing uses it")
 
 
 def reap_stale_segments() -> list[str]:

@@ -28,6 +28,7 @@ def _attach(dataset: str, cfg: dict, rank: int, world_size: int):
             world_size=world_size, socket=s3["socket"], channels=list(train["channels"]),
             illum=s3["illum"], rescale=s3["rescale"], clahe=s3["clahe"], cache_size=s3["cache_size"],
             prefetch_factor=s3["prefetch_factor"], policy=s3["policy"], drop_last=train["drop_last"],
+            shape=s3.get("shape"),
         )
     except PrefetchdError as exc:
         raise TrainerError(f"prefetchd: {exc.message}") from None

@@ -16,10 +16,13 @@ from trainer.errors import TrainerError
 
 @dataclass
 class Batch:
+    """What the trainer reads of a batch: the fields of prefetchd.client's Batch it uses."""
+
     ids: list[str]
     images: np.ndarray
     epoch: int
     index: int
+    pixel_size_um: np.ndarray | None = None   # µm per pixel of each field (None: no source says)
 
 
 class SyntheticSource:

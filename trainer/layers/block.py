@@ -2,38 +2,13 @@ import torch
 from torch import nn
 
 from trainer.layers.attention import Attention
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Mlp(nn.Sequential):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+from trainer.layers.drop_path import DropPath
+from trainer.layers.layer_scale import LayerScale
+from trainer.layers.mlp import Mlp
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with optional LayerScale."""
+    """Pre-norm transformer block; LayerScale when `init_values` is set, stochastic depth `drop_path`."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  init_values: float | None = None):

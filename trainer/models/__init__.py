@@ -14,5 +14,7 @@ def build_model_from_cfg(cfg: dict) -> VisionTransformer:
         patch_size=student["patch_size"],
         in_chans=in_chans_for(cfg),
         drop_path_rate=student["drop_path_rate"],
+        drop_path_uniform=student["drop_path_uniform"],
         init_values=student["layerscale"],
+        num_register_tokens=student["num_register_tokens"],
     )

@@ -3,14 +3,21 @@ import math
 from trainer.utils.schedules import CosineScheduler
 
 
+def global_batch_size(cfg: dict, world_size: int) -> int:
+    """Crop sets per optimiser step over all ranks (fields × samples_per_field × ranks)."""
+    train = cfg["train"]
+    return train["batch_size_per_gpu"] * train["samples_per_field"] * world_size
+
+
 def scaled_lr(cfg: dict, world_size: int) -> float:
-    batch = cfg["train"]["batch_size_per_gpu"] * world_size
-    rule = cfg["optim"]["scaling_rule"]
+    """`optim.base_lr` scaled to the global batch by `optim.scaling_rule` (DINOv2: sqrt_wrt_1024)."""
+    batch = global_batch_size(cfg, world_size)
+    rule, base_lr = cfg["optim"]["scaling_rule"], cfg["optim"]["base_lr"]
     if rule == "sqrt_wrt_1024":
-        return cfg["optim"]["lr"] * math.sqrt(batch / 1024)
+        return base_lr * math.sqrt(batch / 1024)
     if rule == "linear_wrt_256":
-        return cfg["optim"]["lr"] * batch / 256
-    return cfg["optim"]["lr"]
+        return base_lr * batch / 256
+    return base_lr
 
 
 def build_schedulers(cfg: dict, world_size: int) -> dict[str, CosineScheduler]:
@@ -35,4 +42,4 @@ def build_schedulers(cfg: dict, world_size: int) -> dict[str, CosineScheduler]:
 def apply_optim_scheduler(optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
     for group in optimizer.param_groups:
         group["weight_decay"] = wd * group["wd_multiplier"]
-        group["lr"] = last_layer_lr if group["is_last_layer"] else lr
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]

@@ -1,4 +1,5 @@
-"""Checkpoints: model, teacher, optimiser, loss center, iteration, data position and per-rank RNG.
+"""Checkpoints: model, teacher, optimiser, loss centers, iteration, data position (a global sample count,
+so any world size can resume) and per-rank RNG.
 
 Written atomically by rank 0 as `<run>/ckpt/model_<iteration>.pth`; `last_checkpoint` names the newest.
 """
@@ -12,7 +13,7 @@ import torch
 
 from trainer.errors import TrainerError
 
-FORMAT = 1
+FORMAT = 2  # 2: DINOv2 module names (dino_head, ibot_head, mlp.fc1), iBOT center, data as a sample count
 MAX_TO_KEEP = 3
 REQUIRED = ("format", "student", "teacher", "optimizer", "iteration", "data", "channels", "config")
 
@@ -58,7 +59,8 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
         raise TrainerError(f"{path} is not a trainer checkpoint (missing model/optimizer/data state)")
     if state["format"] != FORMAT:
-        raise TrainerError(f"{path} has checkpoint format {state['format']}, this trainer reads {FORMAT}")
+        raise TrainerError(f"{path} has checkpoint format {state['format']} (an older DINO-only trainer); this "
+                           f"trainer reads format {FORMAT}: start a new run")
     return state
 
 

@@ -29,10 +29,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def step_seed(seed: int, rank: int, iteration: int, stream: int = 0) -> int:
+    """A 63-bit seed that is a function of (seed, rank, iteration, stream) only."""
+    state = np.random.SeedSequence([seed, rank, iteration, stream]).generate_state(1, np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def step_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
     """The crop generator of one step: a function of (seed, rank, iteration), so resumes replay it."""
-    seed_value = int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0])
-    return torch.Generator().manual_seed(seed_value)
+    return torch.Generator().manual_seed(step_seed(seed, rank, iteration))
+
+
+def step_numpy_rng(seed: int, rank: int, iteration: int) -> np.random.Generator:
+    """The iBOT mask generator of one step, independent of the crop generator."""
+    return np.random.default_rng(step_seed(seed, rank, iteration, stream=1))
 
 
 def _as_tuples(value):
