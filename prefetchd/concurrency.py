@@ -98,6 +98,15 @@ class AdaptiveConcurrency:
         self._release()
         self._roll()
 
+    def try_acquire(self) -> bool:
+        """A slot at once when one is free and nobody waits (give it back with `__aexit__`), else False. For a
+        caller that already holds a slot and would take more: waiting while holding could deadlock."""
+        self._roll()
+        if self._waiters or self._inflight >= self._limit:
+            return False
+        self._take()
+        return True
+
     def _take(self) -> None:
         self._inflight += 1
         if self._inflight >= self._limit:

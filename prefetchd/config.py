@@ -22,7 +22,7 @@ CHOICES = {
     "s3.verify_md5": ("auto", True, False),
     "s3.retry_mode": ("adaptive", "standard", "legacy"),
     "s3.get_concurrency": ("adaptive", "fixed"),
-    "s3.get_transport": ("auto", "obstore", "aiohttp", "botocore"),
+    "s3.get_transport": ("auto", "threads", "obstore", "aiohttp", "botocore"),
 }
 # Option blocks that can also be `false`; their consumers (options.py, preprocess/) validate them.
 FREE_FORM = ("defaults.clahe", "defaults.rescale")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import logging
 import random
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import aiohttp
 from botocore.exceptions import (
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 # Errors worth another attempt: the connection or the body broke, not the request.
 _TRANSIENT = (
     aiohttp.ClientError,
+    http.client.HTTPException,
     asyncio.TimeoutError,
     OSError,
     BotoConnectionError,
@@ -94,35 +96,78 @@ class S3Store:
         for attempt in range(self.retries + 1):
             try:
                 return await self._get_once(key, expected_size, expected_etag)
-            except ClientError as exc:
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in THROTTLE_CODES:
-                    _limiter_call(self.semaphore, "on_throttle")
-                if code in _PERMANENT_CODES or attempt == self.retries:
-                    self.counters.errors += 1
-                    raise self._object_error(key, exc) from exc
-            except (aiohttp.ClientConnectorCertificateError, CertificateNotTrusted, BotoSSLError) as exc:  # no retry helps
-                self.counters.errors += 1
-                raise StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); for a private "
-                                   "CA or a TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle",
-                                   code=ErrorCode.TLS) from exc
-            except NoCredentialsError as exc:
-                self.counters.errors += 1
-                raise CorruptObjectError(f"s3://{self.bucket}/{key}: {self._reason(exc).message}",
-                                         code=ErrorCode.ACCESS_DENIED) from exc
-            except (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError) as exc:
-                if attempt == self.retries:
-                    self.counters.errors += 1
-                    if isinstance(exc, (TruncatedBody, BadChecksum)):
-                        reason = f"{type(exc).__name__}: {exc}"
-                    else:
-                        reason = self._reason(exc).message
-                    raise CorruptObjectError(f"s3://{self.bucket}/{key}: {reason} after {attempt + 1} attempts",
-                                             code=ErrorCode.STORAGE) from exc
-                log.debug("retrying %s after %s", key, exc)
-            self.counters.retries += 1
+            except Exception as exc:
+                error = self._failed(key, exc, attempt, self.counters, self._throttled)
+                if error is exc:
+                    raise
+                if error is not None:
+                    raise error from exc
             await asyncio.sleep(backoff_s(attempt))
         raise AssertionError("unreachable")
+
+    def read_blocking(self, key: str, expected_size: int, expected_etag: str | None, sink: Callable, *,
+                      counts: FetchCounters, on_throttle: Callable[[], None], abort: Any) -> Any:
+        """`get` on a worker thread, for a transport that reads there (`getter.get_into`: the `threads` transport):
+        the body goes through `sink` (`thread_get.Sink`) and what it returns comes back. The same retries,
+        checks and errors as `get`; the counts go to `counts` (the caller adds them on the event loop) and
+        throttles to `on_throttle` (thread-safe). The caller holds the GET limiter for it."""
+        for attempt in range(self.retries + 1):
+            try:
+                counts.gets += 1
+                fetched = self.getter.get_into(key, sink, md5=self.verify_md5, abort=abort)
+                size = fetched.content_length
+                if expected_size >= 0 and size != expected_size:
+                    raise TruncatedBody(f"got {size} bytes, expected {expected_size}")
+                if self.verify_md5:
+                    _check_digest(fetched.md5, expected_etag or fetched.etag)
+                counts.bytes_fetched += size
+                return fetched.data
+            except Exception as exc:
+                error = self._failed(key, exc, attempt, counts, on_throttle)
+                if error is exc:
+                    raise
+                if error is not None:
+                    raise error from exc
+            if abort.event.wait(backoff_s(attempt)):
+                abort.check()
+        raise AssertionError("unreachable")
+
+    def _throttled(self) -> None:
+        _limiter_call(self.semaphore, "on_throttle")
+
+    def _failed(self, key: str, exc: Exception, attempt: int, counts: FetchCounters,
+                on_throttle: Callable[[], None]) -> Exception | None:
+        """What a failed attempt means: the one-line error to raise, None to try again (counted as a retry), or
+        `exc` itself when it is no storage failure (re-raised as it is)."""
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in THROTTLE_CODES:
+                on_throttle()
+            if code in _PERMANENT_CODES or attempt == self.retries:
+                counts.errors += 1
+                return self._object_error(key, exc)
+        elif isinstance(exc, (aiohttp.ClientConnectorCertificateError, CertificateNotTrusted, BotoSSLError)):
+            counts.errors += 1                 # no retry makes a certificate trusted
+            return StorageError(f"s3://{self.bucket}/{key}: TLS certificate not trusted ({exc}); for a private "
+                                "CA or a TLS-inspecting proxy set AWS_CA_BUNDLE to its CA bundle", code=ErrorCode.TLS)
+        elif isinstance(exc, NoCredentialsError):
+            counts.errors += 1
+            return CorruptObjectError(f"s3://{self.bucket}/{key}: {self._reason(exc).message}",
+                                      code=ErrorCode.ACCESS_DENIED)
+        elif isinstance(exc, (*_TRANSIENT, TruncatedBody, BadChecksum, BotoCoreError)):
+            if attempt == self.retries:
+                counts.errors += 1
+                if isinstance(exc, (TruncatedBody, BadChecksum)):
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = self._reason(exc).message
+                return CorruptObjectError(f"s3://{self.bucket}/{key}: {reason} after {attempt + 1} attempts",
+                                          code=ErrorCode.STORAGE)
+            log.debug("retrying %s after %s", key, exc)
+        else:
+            return exc
+        counts.retries += 1
+        return None
 
     def _reason(self, exc: BaseException):
         endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
@@ -144,7 +189,9 @@ class S3Store:
         size = len(data)
         if (announced >= 0 and size != announced) or (expected_size >= 0 and size != expected_size):
             raise TruncatedBody(f"got {size} bytes, expected {expected_size if expected_size >= 0 else announced}")
-        if self.verify_md5:
+        if self.verify_md5 and fetched.md5 is not None:     # hashed while it was read
+            _check_digest(fetched.md5, expected_etag or fetched.etag)
+        elif self.verify_md5:
             # hashlib releases the GIL on large inputs: 12.8 MB per field is ~15 ms of CPU, off the loop.
             await asyncio.to_thread(_check_md5, data, expected_etag or fetched.etag)
         _limiter_call(self.semaphore, "on_success", size)
@@ -179,10 +226,20 @@ def _check_md5(data: bytes, etag: str | None) -> None:
     """A single-part upload's ETag is the MD5 of its bytes; objects uploaded without flexible checksums
     (the public JUMP bucket) have nothing else that would catch same-length corruption. Multipart and
     SSE-KMS ETags are not MD5s and are skipped."""
+    if _is_md5(etag):
+        _check_digest(hashlib.md5(data).hexdigest(), etag)
+
+
+def _is_md5(etag: str | None) -> bool:
     etag = (etag or "").strip('"')
-    if len(etag) != 32 or "-" in etag:
+    return len(etag) == 32 and "-" not in etag
+
+
+def _check_digest(digest: str | None, etag: str | None) -> None:
+    """`digest` (hex MD5 of the body) against a single-part ETag; other ETags are not MD5s and are skipped."""
+    if not _is_md5(etag) or digest is None:
         return
-    digest = hashlib.md5(data).hexdigest()
+    etag = (etag or "").strip('"')
     if digest != etag.lower():
         raise BadChecksum(f"MD5 {digest} != ETag {etag}")
 

@@ -22,6 +22,7 @@ from prefetchd.index import Field, Index
 from prefetchd.pace import Pace
 from prefetchd.preprocess import Preprocessing
 from prefetchd.quarantine import Quarantine
+from prefetchd.receive import receive_field, receives_in_threads
 from prefetchd.shared_fields import Content, SharedFields
 from prefetchd.shm.arena import Arena
 
@@ -206,18 +207,27 @@ class Filler:
             for attempt in range(FILL_ATTEMPTS):
                 try:
                     illum = self._illum(field_)   # loads beside the channels' GETs
+                    received = False
                     try:
                         async with asyncio.timeout_at(deadline) as budget:
-                            if blobs is None:
-                                blobs = await fetch_channels(self.store, field_)
-                            illums = await illum
+                            if blobs is None and receives_in_threads(self.store):
+                                # GETs, decode and preprocessing on worker threads, straight into the slot;
+                                # a budget that runs out stops them (receive_field waits for its threads)
+                                await receive_field(self.store, field_, await illum, self.preprocessing,
+                                                    self.arena.slot(slot), self.fit)
+                                received = True
+                            else:
+                                if blobs is None:
+                                    blobs = await fetch_channels(self.store, field_)
+                                illums = await illum
                     except TimeoutError:
                         if not budget.expired():
                             raise
                         error = over_budget(field_, self.budget_s)
                         break
-                    await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
-                                               self.arena.slot(slot), list(field_.keys), self.fit)
+                    if not received:
+                        await loop.run_in_executor(self.pool, assemble_field, blobs, illums, self.preprocessing,
+                                                   self.arena.slot(slot), list(field_.keys), self.fit)
                     self.fields_fetched += 1
                     self._finished(f, slot, content, started, future)
                     return

@@ -3,8 +3,11 @@
     async with make_get_transport(s3) as transport:
         store = S3Store(client, bucket, limiter, counters, getter=transport.getter(client, bucket))
 
-- `obstore` (what `auto` picks, signed or unsigned): Rust object_store; request, TLS and body on native threads,
-  off the event loop (`obstore_get.py`). `python -m bench.ceiling` measures it against the others.
+- `threads` (what `auto` picks for unsigned access, the default): blocking GETs on a pool of threads, each
+  body received straight into its slot or a reused buffer (`thread_get.py`, `receive.py`); the event loop hands
+  a whole field to a thread. `python -m bench.ceiling` measures it against the others.
+- `obstore` (what `auto` picks for signed access): Rust object_store; request, TLS and body on native threads,
+  off the event loop (`obstore_get.py`).
 - `aiohttp`: unsigned GETs straight to the object URL on the event loop (`http_get.py`); signed access
   falls back to botocore, since it sends no signatures.
 - `botocore`: every GET through aiobotocore (on the event loop, ~2 ms of CPU per request more).
@@ -26,7 +29,8 @@ from prefetchd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "obstore", "aiohttp", "botocore")
+TRANSPORTS = ("auto", "threads", "obstore", "aiohttp", "botocore")
+POOL_THREADS = 512        # upper bound of the `threads` pools (threads start when needed; the GET limiter bounds them)
 
 
 def resolve_transport(s3: dict[str, Any]) -> str:
@@ -34,9 +38,12 @@ def resolve_transport(s3: dict[str, Any]) -> str:
     setting = s3.get("get_transport", "auto")
     if setting not in TRANSPORTS:
         raise ConfigError(f"s3.get_transport must be one of {', '.join(TRANSPORTS)}, got {setting!r}")
+    unsigned = s3.get("unsigned", True)
     if setting == "auto":
-        return "obstore"
-    if setting == "aiohttp" and not s3.get("unsigned", True):
+        return "threads" if unsigned else "obstore"
+    if setting == "threads" and not unsigned:
+        return "obstore"       # it does not sign
+    if setting == "aiohttp" and not unsigned:
         return "botocore"
     return setting
 
@@ -47,17 +54,25 @@ class GetTransport:
     name: str
     http: Any = None          # aiohttp session (aiohttp)
     get_client: Any = None    # aiobotocore client without retries (botocore)
-    _obstores: dict = field(default_factory=dict)   # bucket -> getter: jobs on one bucket share its pool
+    pool: Any = None          # threads: the GETs (one per channel)
+    field_pool: Any = None    # threads: one task per field, which hands its channels to `pool`
+    _getters: dict = field(default_factory=dict)   # bucket -> getter: jobs on one bucket share its connections
 
     def getter(self, client: Any, bucket: str):
         """A getter for `bucket`; `client` is the daemon's botocore client (URLs, a 301's region)."""
         log.debug("GETs from bucket %s through %s", bucket, self.name)
+        if self.name == "threads":
+            from prefetchd.thread_get import ThreadGetter
+
+            if bucket not in self._getters:
+                self._getters[bucket] = ThreadGetter(self.s3, bucket, client, self.pool, self.field_pool)
+            return self._getters[bucket]
         if self.name == "obstore":
             from prefetchd.obstore_get import ObstoreGetter
 
-            if bucket not in self._obstores:
-                self._obstores[bucket] = ObstoreGetter(self.s3, bucket, client)
-            return self._obstores[bucket]
+            if bucket not in self._getters:
+                self._getters[bucket] = ObstoreGetter(self.s3, bucket, client)
+            return self._getters[bucket]
         if self.name == "aiohttp":
             from prefetchd.http_get import HttpGetter
 
@@ -72,7 +87,15 @@ async def make_get_transport(s3: dict[str, Any]) -> AsyncIterator[GetTransport]:
     name = resolve_transport(s3)
     async with contextlib.AsyncExitStack() as stack:
         transport = GetTransport(s3, name)
-        if name == "aiohttp":
+        if name == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            transport.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="get")
+            transport.field_pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="fill")
+            stack.callback(transport.field_pool.shutdown, wait=False, cancel_futures=True)
+            stack.callback(transport.pool.shutdown, wait=False, cancel_futures=True)
+            stack.callback(lambda: [g.close() for g in transport._getters.values()])
+        elif name == "aiohttp":
             from prefetchd.http_get import make_http_session
 
             transport.http = await stack.enter_async_context(make_http_session(s3))

@@ -39,6 +39,7 @@ class Fetched:
     data: bytes
     content_length: int
     etag: str | None
+    md5: str | None = None    # hex digest of the body, when the transport hashed it while reading
 
 
 @contextlib.asynccontextmanager

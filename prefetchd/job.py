@@ -116,6 +116,7 @@ class Job:
         self._changed = asyncio.Event()   # waiting ranks: a slot was released or a fill ended
         self._prefetcher: asyncio.Task | None = None
         self.closed = False
+        self._ids = index.ids   # one list (a FieldTable holds it; a list of Fields builds it per access)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class Job:
         state.replied_at = time.monotonic()
         self.pace.consumed(rank, len(mapped))
         self._wake.set()
-        ids = self.index.ids  # a list built per access when the index holds Field objects
+        ids = self._ids
         return Served(epoch, batch, slots, [ids[f] for f in mapped],
                       [int(self.arena.table["generation"][s]) for s in slots], waited,
                       self.index.pixel_size_um(mapped))
@@ -318,6 +319,7 @@ class Job:
             "fields_shared": self.filler.fields_shared if self.filler else 0,
             "evicted_unused": cache.evicted_unused if cache else 0,
             "guarded_evictions": planner.guarded_evictions if planner else 0,
+            "planning_cpu_s": planner.planning_s if planner else 0.0,
             "stall_s": st.stall_s,
             "epochs": {e: {"served": v.served, "hits": v.hits, "misses": v.misses,
                            "hit_rate": v.hits / v.served if v.served else 0.0}

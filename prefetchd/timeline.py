@@ -2,24 +2,28 @@
 the horizon of upcoming uses that the planner ranks fields by.
 
 Every rank's sample order is known (the seeded schedule, across epoch boundaries), so for any field the daemon
-knows its next uses: `Horizon` lists them as distances in schedule positions from each live rank's cursor, over
-the rest of the current epoch and the whole next one, merged over ranks (the next use is the nearest over ranks).
-A quarantined field's positions count for its substitute, which is served there.
+knows its next uses. One epoch's orders are one permutation dealt round-robin to the ranks (`schedule.py`), so
+its inverse says in O(1) which rank reads a field at which position (`EpochOrder`); nothing here walks an
+epoch or the cache per batch. `Horizon` turns positions into reference times: the live ranks read in lockstep,
+batch k of every rank (rank by rank) before batch k + 1, as data-parallel training does, and a field's next use
+is its first reference after a given time within the reference's epoch and the next one. A quarantined field's
+positions count for its substitute, which is served there.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
+import array
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from prefetchd.errors import PrefetchdError
 from prefetchd.quarantine import Quarantine
-from prefetchd.schedule import num_batches, schedule
+from prefetchd.schedule import num_batches, permutation, samples_per_rank, schedule
+
+NEVER = 1 << 62   # a reference time after every real one: no use within the horizon
 
 
 @dataclass
@@ -44,14 +48,30 @@ class RankState:
         gap = time.monotonic() - self.replied_at
         self.think_s = gap if self.think_s == 0 else self.think_s + alpha * (gap - self.think_s)
 
+    @property
+    def released(self) -> tuple[int, int]:
+        """(epoch, position) before which this rank holds nothing: the start of the batch it has leased."""
+        return self.epoch, max(0, self.position - len(self.leased))
+
 
 def live(ranks: Iterable[RankState]) -> list[RankState]:
     return [r for r in ranks if not r.detached]
 
 
+class EpochOrder:
+    """One epoch's permutation and its inverse: rank r reads `perm[(p * world + r) % n]` at position p (the
+    padded tail repeats the head, like DistributedSampler), and a field's permutation index gives its rank and
+    position back."""
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.perm = permutation(n, seed, epoch)
+        self.inv = np.empty(n, dtype=np.int64)
+        self.inv[self.perm] = np.arange(n, dtype=np.int64)
+
+
 class Timeline:
-    """The sample order of every rank of one job (`schedule`), cached per (rank, epoch), with each field's
-    positions and the substitutes of quarantined fields applied."""
+    """The sample order of every rank of one job (`schedule`), with each field's positions and the
+    substitutes of quarantined fields applied."""
 
     def __init__(self, n_fields: int, seed: int, world_size: int, batch_size: int, drop_last: bool,
                  quarantine: Quarantine):
@@ -59,10 +79,14 @@ class Timeline:
         self.seed, self.world_size, self.batch_size, self.drop_last = seed, world_size, batch_size, drop_last
         self.quarantine = quarantine
         self.batches_per_epoch = num_batches(n_fields, world_size, batch_size, drop_last)
+        self.per_rank = samples_per_rank(n_fields, world_size, drop_last)   # before drop_last's batch trim
+        self.length = len(schedule(n_fields, seed, 0, 0, world_size, batch_size, drop_last)) if n_fields else 0
         self._orders: dict[tuple[int, int], np.ndarray] = {}
-        self._positions: dict[tuple[int, int], dict[int, tuple[int, ...]]] = {}
-        self._moved = 0            # quarantined fields whose positions have moved to their substitutes
-        self._horizon: Horizon | None = None
+        self._epochs: dict[int, EpochOrder] = {}
+        self._stand_ins: dict[int, tuple[int, ...]] = {}   # substitute -> the fields it is served for
+        self._moved = 0
+
+    # ---- orders ------------------------------------------------------------------------------
 
     def order(self, rank: int, epoch: int) -> np.ndarray:
         order = self._orders.get((rank, epoch))
@@ -83,136 +107,222 @@ class Timeline:
         # checkpoint, or hostile) must not make the daemon hold one schedule per epoch it ever named.
         for old in [k for k in self._orders if k[0] == rank and not epoch - 1 <= k[1] <= epoch + 1]:
             self._orders.pop(old)
-            self._positions.pop(old, None)
         return order
 
     def batch(self, rank: int, epoch: int, batch: int) -> list[int]:
         b = self.batch_size
-        return [int(f) for f in self.order(rank, epoch)[batch * b : (batch + 1) * b]]
+        return self.order(rank, epoch)[batch * b : (batch + 1) * b].tolist()
 
-    def substitute(self, f: int) -> int:
-        return self.quarantine.substitute(f)
+    def epoch(self, e: int) -> EpochOrder:
+        order = self._epochs.get(e)
+        if order is None:
+            order = self._epochs[e] = EpochOrder(self.n_fields, self.seed, e)
+            for old in [k for k in self._epochs if k < e - 3]:
+                del self._epochs[old]
+        return order
 
-    def window(self, cursor: RankState, depth: int) -> list[int]:
-        """The next `depth` fields this rank will ask for, across the epoch boundary."""
-        out: list[int] = []
-        epoch, pos = cursor.epoch, cursor.position
-        while len(out) < depth:
-            order = self.order(cursor.rank, epoch)
-            take = order[pos : pos + depth - len(out)]
-            out.extend(int(f) for f in take)
-            if pos + len(take) >= len(order):
-                epoch, pos = epoch + 1, 0
-                if len(order) == 0:
-                    break
-            else:
-                break
+    def uses(self, f: int, e: int) -> list[tuple[int, int]]:
+        """(rank, position) of every read of field `f` itself in epoch `e` (two when padding repeats it)."""
+        out = []
+        n, w = self.n_fields, self.world_size
+        i = int(self.epoch(e).inv[f])
+        while i < self.per_rank * w:
+            p = i // w
+            if p < self.length:
+                out.append((i % w, p))
+            i += n
         return out
 
-    def positions(self, rank: int, epoch: int) -> dict[int, tuple[int, ...]]:
-        """Field -> its positions in this rank's order of `epoch`, substitutes standing in for quarantined
-        fields (padding without drop_last can put a field twice in one epoch)."""
+    def window(self, cursor: RankState, depth: int) -> list[int]:
+        """The next `depth` fields this rank will ask for, across the epoch boundary (substitutes not applied)."""
+        out: list[int] = []
+        epoch, pos = cursor.epoch, cursor.position
+        while len(out) < depth and self.length:
+            take = self.order(cursor.rank, epoch)[pos : pos + depth - len(out)]
+            out.extend(take.tolist())
+            epoch, pos = epoch + 1, 0
+        return out
+
+    # ---- quarantine --------------------------------------------------------------------------
+
+    def substitute(self, f: int) -> int:
+        return self.quarantine.substitute(f) if f in self.quarantine else f
+
+    def stand_ins(self, f: int) -> tuple[int, ...]:
+        """The fields whose positions count for `f`: `f` itself, and the quarantined fields it is served for."""
         self._follow_quarantine()
-        key = (rank, epoch)
-        positions = self._positions.get(key)
-        if positions is None:
-            order = self.order(rank, epoch).tolist()
-            positions = {f: (i,) for i, f in enumerate(order)}   # one pass: epochs have 100k+ fields
-            if len(positions) < len(order):  # padded: some field twice
-                lists: dict[int, list[int]] = {}
-                for i, f in enumerate(order):
-                    lists.setdefault(f, []).append(i)
-                positions = {f: tuple(v) for f, v in lists.items()}
-            for q in self.quarantine:
-                _move_positions(positions, q, self.substitute(q))
-            self._positions[key] = positions
-        return positions
+        return self._stand_ins.get(f, (f,))
 
     def _follow_quarantine(self) -> None:
-        """Move the positions of fields quarantined since the last call to their substitutes."""
-        fresh = list(self.quarantine)[self._moved:]
+        if self._moved == len(self.quarantine):
+            return
         self._moved = len(self.quarantine)
-        for f in fresh:
+        groups: dict[int, list[int]] = {}
+        for q in self.quarantine:
             try:
-                stand_in = self.substitute(f)
-            except PrefetchdError:
-                self._positions.clear()
+                s = self.quarantine.substitute(q)
+            except PrefetchdError:   # everything quarantined: nothing is served, nothing to rank
+                self._stand_ins = {}
                 return
-            for positions in self._positions.values():   # and those of fields it stood in for
-                _move_positions(positions, f, stand_in)
-
-    def horizon(self, cursors: Iterable[RankState]) -> "Horizon":
-        """Next uses from the live ranks' cursors; rebuilt when a cursor moves or a field is quarantined."""
-        ranks = live(cursors)
-        key = (tuple((r.rank, r.epoch, r.position) for r in ranks), len(self.quarantine))
-        if self._horizon is None or self._horizon.key != key:
-            self._horizon = Horizon(self, ranks, key)
-        return self._horizon
-
-
-def _move_positions(positions: dict[int, tuple[int, ...]], f: int, to: int) -> None:
-    moved = positions.pop(f, None)
-    if moved:
-        positions[to] = tuple(sorted(positions.get(to, ()) + moved))
+            groups.setdefault(s, [s]).append(q)
+        self._stand_ins = {s: tuple(g) for s, g in groups.items()}
 
 
 class Horizon:
-    """Every live rank's upcoming uses of each field, as distances in schedule positions from the rank's
-    cursor: the rest of its current epoch, then its next epoch (the seeded schedule is known ahead).
-    Distances of several ranks are merged (ranks are taken to advance at the same pace), so `next_use` is
-    the nearest use by any rank. Computed lazily per field and kept until a cursor moves."""
+    """Reference times of the live ranks' reads, and each field's next use after a given time.
 
-    def __init__(self, timeline: Timeline, cursors: list[RankState], key: tuple):
-        self.key = key
-        self._uses: dict[int, list[int]] = {}
-        self._parts = []
-        self._orders = []
-        substitute = timeline.substitute if len(timeline.quarantine) else None
-        for cursor in cursors:
-            order = timeline.order(cursor.rank, cursor.epoch)
-            following = timeline.order(cursor.rank, cursor.epoch + 1)
-            remaining = max(0, len(order) - cursor.position)
-            self._parts.append((timeline.positions(cursor.rank, cursor.epoch), cursor.position,
-                                timeline.positions(cursor.rank, cursor.epoch + 1), remaining))
-            self._orders.append((order, cursor.position, following, substitute))
+    Time counts single reads in lockstep order: batch step k of epoch e (e × batches_per_epoch + k), then the
+    live ranks in rank order, then the position in the batch. A field's uses are looked up in the epoch of
+    the time asked about and the next one (`NEVER` beyond), from a per-epoch table of each field's reference
+    time (numpy for many fields at once, an `array` for one) built once per epoch and set of live ranks.
+    Reads before a rank's `basis` position (consumed when the caller's view of the ranks was taken) are not
+    uses. Built again when the live ranks or the quarantine change.
+    """
 
-    def uses(self, f: int) -> list[int]:
-        out = self._uses.get(f)
-        if out is None:
-            out = []
-            for current, position, following, remaining in self._parts:
-                out.extend(p - position for p in current.get(f, ()) if p >= position)
-                out.extend(remaining + p for p in following.get(f, ()))
-            out.sort()
-            self._uses[f] = out
+    def __init__(self, timeline: Timeline, ranks: Sequence[int]):
+        self.timeline = timeline
+        self.ranks = list(ranks)
+        self.index = {r: i for i, r in enumerate(self.ranks)}
+        self.b = timeline.batch_size
+        self.bpe = timeline.batches_per_epoch
+        self.step_span = len(self.ranks) * self.b
+        self.epoch_span = self.bpe * self.step_span
+        self.quarantined = len(timeline.quarantine)
+        self._tables: dict[int, tuple[np.ndarray, array.array, dict[int, int]]] = {}
+
+    def time(self, rank: int, epoch: int, position: int) -> int:
+        k, o = divmod(position, self.b)
+        return (epoch * self.bpe + k) * self.step_span + self.index[rank] * self.b + o
+
+    def rank_of(self, t: int) -> int:
+        """Index (in `ranks`) of the rank that reads at time `t`."""
+        return (t % self.step_span) // self.b
+
+    def position_of(self, t: int) -> tuple[int, int]:
+        """(epoch, position) of the read at time `t` (its rank: `rank_of`)."""
+        e, rest = divmod(t, self.epoch_span)
+        k, rest = divmod(rest, self.step_span)
+        return e, k * self.b + rest % self.b
+
+    def stale(self) -> bool:
+        return len(self.timeline.quarantine) != self.quarantined
+
+    def table(self, e: int) -> tuple[np.ndarray, array.array, dict[int, int]]:
+        """(times as numpy, the same as an array, padding's second reads) of epoch `e`: each field's first
+        reference time by a live rank in the epoch, `NEVER` when no live rank reads it."""
+        tab = self._tables.get(e)
+        if tab is not None:
+            return tab
+        tl = self.timeline
+        n, w = tl.n_fields, tl.world_size
+        perm = tl.epoch(e).perm
+        total = tl.per_rank * w
+        idx = np.full(w, -1, dtype=np.int64)
+        for r, i in self.index.items():
+            if r < w:
+                idx[r] = i
+        times = np.full(n, NEVER, dtype=np.int64)
+        seconds: dict[int, int] = {}
+        for start in range(0, total, n):   # the padded tail (without drop_last) repeats the head
+            i = np.arange(start, min(total, start + n), dtype=np.int64)
+            pos, rank = np.divmod(i, w)
+            ok = (pos < tl.length) & (idx[rank] >= 0)
+            i, pos, rank = i[ok], pos[ok], rank[ok]
+            t = ((e * self.bpe + pos // self.b) * self.step_span + idx[rank] * self.b + pos % self.b)
+            fields = perm[i % n]
+            if start == 0:
+                times[fields] = t
+            else:
+                for f, tf in zip(fields.tolist(), t.tolist()):
+                    if times[f] == NEVER:
+                        times[f] = tf
+                    else:
+                        seconds[f] = tf
+        tab = self._tables[e] = (times, array.array("q", times.tobytes()), seconds)
+        for old in [k for k in self._tables if k < e - 2]:
+            del self._tables[old]
+        return tab
+
+    def next_use_after(self, f: int, t: int, basis: Sequence[int]) -> int:
+        """The first reference to `f` (or a field it stands in for) after time `t` and not before its rank's
+        `basis` time, within `t`'s epoch and the next; `NEVER` if none."""
+        fields = self.timeline.stand_ins(f)
+        e = t // self.epoch_span
+        for epoch in (e, e + 1):
+            _, times, seconds = self.table(epoch)
+            best = NEVER
+            for g in fields:
+                u = times[g]
+                if t < u < best and u >= basis[(u % self.step_span) // self.b]:
+                    best = u
+                u = seconds.get(g, NEVER) if seconds else NEVER
+                if t < u < best and u >= basis[(u % self.step_span) // self.b]:
+                    best = u
+            if best < NEVER:
+                return best
+        return NEVER
+
+    def next_uses(self, fields: np.ndarray, basis: Sequence[int]) -> np.ndarray:
+        """Each field's first reference at or after its rank's `basis` time (vectorised), within the epochs from
+        the earliest basis to the one after the latest; `NEVER` if none."""
+        basis_arr = np.asarray(basis, dtype=np.int64)
+        out = np.full(len(fields), NEVER, dtype=np.int64)
+        if not len(fields):
+            return out
+        first, last = int(basis_arr.min()) // self.epoch_span, int(basis_arr.max()) // self.epoch_span
+        for e in range(first, last + 2):
+            times, _, seconds = self.table(e)
+            t = times[fields]
+            ok = (t < NEVER)
+            ok[ok] = t[ok] >= basis_arr[(t[ok] % self.step_span) // self.b]
+            out = np.where((out == NEVER) & ok, t, out)
+            if seconds:   # a padded second read after a consumed first one
+                for i, f in enumerate(fields.tolist()):
+                    u = seconds.get(f)
+                    if u is not None and out[i] == NEVER and u >= basis_arr[(u % self.step_span) // self.b]:
+                        out[i] = u
+        if len(self.timeline.quarantine):
+            for i, f in enumerate(fields.tolist()):
+                if len(self.timeline.stand_ins(f)) > 1:
+                    out[i] = self._first_use_of_group(f, basis, first, last)
         return out
 
-    def next_use(self, f: int) -> float:
-        uses = self.uses(f)
-        return uses[0] if uses else math.inf
+    def _first_use_of_group(self, f: int, basis: Sequence[int], first: int, last: int) -> int:
+        best = NEVER
+        for e in range(first, last + 2):
+            _, times, seconds = self.table(e)
+            for g in self.timeline.stand_ins(f):
+                for u in (times[g], seconds.get(g, NEVER)):
+                    if u < best and u >= basis[(u % self.step_span) // self.b]:
+                        best = u
+            if best < NEVER:
+                return best
+        return best
 
-    def next_use_after(self, f: int, t: float) -> float:
-        """The first use strictly later than `t` positions from now (inf if none in the horizon)."""
-        uses = self.uses(f)
-        i = bisect.bisect_right(uses, t)
-        return uses[i] if i < len(uses) else math.inf
-
-    def references(self) -> Iterator[tuple[int, int]]:
-        """(distance, field) of every upcoming use within the horizon, nearest first, ranks interleaved."""
-        d = 0
+    def batches(self, start: Sequence[int]) -> Iterator[tuple[int, int, int, int, list[int]]]:
+        """(time of the first read, rank, epoch, position of the first read, fields) of every rank's batch from
+        its `start` time on (a batch begun before it: its rest), in time order, substitutes applied; endless."""
+        tl = self.timeline
+        b, bpe, length = self.b, self.bpe, tl.length
+        if not length or not self.ranks:
+            return
+        step = min(start) // self.step_span
         while True:
-            any_live = False
-            for order, position, following, substitute in self._orders:
-                i = position + d
-                if i < len(order):
-                    f = int(order[i])
-                else:
-                    i -= max(len(order), position)
-                    if i >= len(following):
-                        continue
-                    f = int(following[i])
-                any_live = True
-                yield d, substitute(f) if substitute else f
-            if not any_live:
-                return
-            d += 1
+            e, k = divmod(step, bpe)
+            for i, r in enumerate(self.ranks):
+                base = step * self.step_span + i * b
+                lo = max(0, start[i] - base)
+                hi = min(b, length - k * b)
+                if lo >= hi:
+                    continue
+                fields = tl.order(r, e)[k * b + lo : k * b + hi].tolist()
+                if len(tl.quarantine):
+                    fields = [tl.substitute(f) for f in fields]
+                yield base + lo, r, e, k * b + lo, fields
+            step += 1
+
+    def references(self, start: Sequence[int]) -> Iterator[tuple[int, int, int, int, int]]:
+        """(time, rank, epoch, position, field) of every read from each rank's `start` time on, in time order."""
+        for t, r, e, p, fields in self.batches(start):
+            for o, f in enumerate(fields):
+                yield t + o, r, e, p + o, f

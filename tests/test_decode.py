@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from prefetchd.decode import decode_tiff
+from prefetchd.decode import decode_tiff, plane_layout
 from prefetchd.errors import CorruptObjectError
 
 RNG = np.random.default_rng(0)
@@ -47,3 +47,32 @@ def test_planes_that_are_not_uint16_are_refused_with_the_reason(dtype):
 def test_truncated_bytes_are_a_corrupt_object(cut):
     with pytest.raises(CorruptObjectError, match="not a readable TIFF|expected"):
         decode_tiff(tiff_bytes(IMAGE)[:cut], name="x.tiff")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rowsperstrip=7), dict(description="x" * 5000),
+                                dict(metadata=None), dict(extratags=[(65000, "s", 0, "y" * 900, False)])],
+                         ids=["plain", "contiguous-strips", "long-description", "no-metadata", "private-tag"])
+def test_the_hand_read_layout_of_a_plain_plane_is_where_tifffile_finds_the_pixels(kw):
+    """`plane_layout` places a GET's pixels straight into a slot: it must point exactly at them."""
+    data = tiff_bytes(IMAGE, **kw)
+    offset, height, width = plane_layout(data[:65536], len(data))
+    assert (height, width) == IMAGE.shape
+    pixels = np.frombuffer(data, "<u2", count=IMAGE.size, offset=offset).reshape(IMAGE.shape)
+    np.testing.assert_array_equal(pixels, IMAGE)
+
+
+@pytest.mark.parametrize("image,kw", [
+    (IMAGE, dict(byteorder=">")), (IMAGE, dict(compression="zlib")), (IMAGE, dict(tile=(16, 16))),
+    (IMAGE, dict(predictor=True, compression="zlib")), (IMAGE, dict(bigtiff=True)),
+    (IMAGE.astype(np.int16), dict()), (IMAGE.astype(np.uint8), dict()), (np.stack([IMAGE, IMAGE]), dict()),
+    (np.dstack([IMAGE] * 3), dict(photometric="rgb")), (IMAGE.astype(np.float32), dict())],
+    ids=["big-endian", "zlib", "tiles", "predictor", "bigtiff", "int16", "uint8", "two-pages", "rgb", "float"])
+def test_anything_but_one_plain_uint16_plane_is_left_to_tifffile(image, kw):
+    data = tiff_bytes(image, **kw)
+    assert plane_layout(data, len(data)) is None
+
+
+def test_a_layout_that_reaches_past_the_object_is_not_trusted():
+    data = tiff_bytes(IMAGE)
+    assert plane_layout(data, len(data) - 2) is None
+    assert plane_layout(data[:6], len(data)) is None

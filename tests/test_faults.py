@@ -178,3 +178,15 @@ def test_503_slowdown_lowers_the_get_concurrency_and_every_field_still_arrives(d
     assert min(limits + [c["limit"]]) < c["maximum"], (limits, c)
     assert c["minimum"] <= c["limit"] <= c["maximum"]
     assert request("status", d.socket)["quarantined"] == 0
+
+
+def test_a_get_limit_below_a_fields_channels_still_delivers_every_field_exactly(daemon, synthetic, proxy):
+    """Throttling can lower the limit to 2 while a field has 5 channels: fields must not hold part of what they
+    need and wait for the rest (they would deadlock each other); each runs its channels over the permits it got."""
+    d = daemon(*FAST, "s3.max_concurrency=2", "s3.get_concurrency=fixed", endpoint_url=proxy.url)
+    proxy.add_rule("reset", first_n=2)
+    ids = read_epoch(synthetic, d, "narrow")
+    assert sorted(ids) == sorted(f.id for f in synthetic.manifest.fields)
+    c = request("status", d.socket)["concurrency"]
+    assert c["limit"] == 2 and c["maximum"] == 2
+    assert len(proxy.faults("reset")) == 2 and request("status", d.socket)["quarantined"] == 0

@@ -1,4 +1,4 @@
-"""Every GET transport (`s3.get_transport`: obstore, aiohttp, botocore) against a real S3 API (moto) behind the
+"""Every GET transport (`s3.get_transport`: threads, obstore, aiohttp, botocore) against a real S3 API (moto) behind the
 fault proxy: the same bytes, the same one-line errors, one retry policy (S3Store's), the throttle feedback,
 timeouts, proxies from the environment, and https with AWS_CA_BUNDLE (rclone serve s3 behind a made-up CA)."""
 
@@ -22,7 +22,7 @@ from prefetchd.s3 import make_s3_client
 from faultproxy import FaultProxy
 
 KEYS = ["plain.tiff", "source_3/Measurement 1/r01c01f01p01-ch1sk1fk1fl1.tiff", "a+b/c%d~e&f=g?.tiff", "ünï/ß.tiff"]
-TRANSPORTS = ("obstore", "aiohttp", "botocore")
+TRANSPORTS = ("threads", "obstore", "aiohttp", "botocore")
 BIG = "big.tiff"   # large enough that a fault lands mid-body
 SIGNED = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -68,19 +68,20 @@ async def _outcomes(endpoint: str, transport: str) -> list:
 
 def test_every_transport_returns_the_same_bytes_and_the_same_errors(buckets):
     results = {t: asyncio.run(_outcomes(buckets, t)) for t in TRANSPORTS}
-    assert results["obstore"] == results["botocore"] == results["aiohttp"]
-    direct = results["obstore"]
+    assert results["threads"] == results["obstore"] == results["botocore"] == results["aiohttp"]
+    direct = results["threads"]
     assert direct[: len(KEYS)] == [bytes([i]) * (1000 + i) for i in range(len(KEYS))]
     assert [o[0] for o in direct[len(KEYS):]] == ["storage", "access_denied", "no_such_bucket"]
 
 
 def test_transport_choice_and_a_wrong_one_lists_the_accepted_values():
-    assert resolve_transport({}) == "obstore"
+    assert resolve_transport({}) == "threads"
     assert resolve_transport({"get_transport": "auto", "unsigned": False}) == "obstore"
-    assert resolve_transport({"get_transport": "aiohttp", "unsigned": False}) == "botocore"  # it cannot sign
+    assert resolve_transport({"get_transport": "threads", "unsigned": False}) == "obstore"  # they cannot sign
+    assert resolve_transport({"get_transport": "aiohttp", "unsigned": False}) == "botocore"
     with pytest.raises(Exception) as info:
         resolve_transport({"get_transport": "curl"})
-    assert "auto, obstore, aiohttp, botocore" in str(info.value) and "'curl'" in str(info.value)
+    assert "auto, threads, obstore, aiohttp, botocore" in str(info.value) and "'curl'" in str(info.value)
 
 
 def test_the_daemon_config_lists_the_accepted_transports(tmp_path):
@@ -89,7 +90,7 @@ def test_the_daemon_config_lists_the_accepted_transports(tmp_path):
 
     with pytest.raises(ConfigError) as info:
         Config.load(overrides=["s3.get_transport=curl"])
-    assert "s3.get_transport" in info.value.message and "obstore" in info.value.message
+    assert "s3.get_transport" in info.value.message and "threads" in info.value.message
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -198,6 +199,7 @@ def https_server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("https-s3")
     (workdir / "data" / "tls-bucket").mkdir(parents=True)
     (workdir / "data" / "tls-bucket" / "obj.tiff").write_bytes(b"over tls" * 1000)
+    (workdir / "data" / "tls-bucket" / BIG).write_bytes(TLS_BIG)
     with S3Server("rclone", workdir, tls=True) as server:
         yield server
 
@@ -221,6 +223,25 @@ def test_https_trusts_the_ca_in_aws_ca_bundle_and_only_that(https_server, transp
 
     error, retries = asyncio.run(_with_store(cfg, "tls-bucket", untrusted, retries=3))
     assert error.code == "tls" and "AWS_CA_BUNDLE" in error.message and retries == 0, error.message
+
+
+TLS_BIG = bytes(range(251)) * 12_000      # 3 MB: many TLS records, a tail shorter than one read's low-water mark
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_large_bodies_over_https_arrive_whole_without_waiting_for_the_read_timeout(https_server, transport,
+                                                                                     monkeypatch):
+    """A reader that asks the kernel to gather the rest of a body before waking (SO_RCVLOWAT) must allow for
+    the TLS record OpenSSL already holds, or the last bytes wait for the read timeout (the `threads` transport)."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(https_server.ca_file))
+    cfg = {"endpoint_url": https_server.endpoint_url, "get_transport": transport, "read_timeout_s": 3.0}
+
+    async def run(store):
+        bodies = [bytes(await store.get(BIG)) for _ in range(6)]
+        return bodies, store.counters.retries
+
+    bodies, retries = asyncio.run(_with_store(cfg, "tls-bucket", run, retries=0))
+    assert all(body == TLS_BIG for body in bodies) and retries == 0
 
 
 def test_object_urls_are_the_ones_botocore_uses():

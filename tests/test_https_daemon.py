@@ -1,6 +1,6 @@
 """The daemon over https, as against the real bucket: `rclone serve s3` behind a certificate from a CA made for
 the test; the daemon trusts it through AWS_CA_BUNDLE and delivers exactly the source pixels (default GET
-transport, obstore); without the bundle it refuses the endpoint with the one-line fix."""
+transport, `threads`: TLS on the GET threads); without the bundle it refuses the endpoint with the one-line fix."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def https_s3(synthetic, tmp_path_factory):
 
 def test_the_daemon_reads_over_https_with_the_ca_from_aws_ca_bundle(daemon, synthetic, https_s3):
     d = daemon(endpoint_url=https_s3.endpoint_url, env={"AWS_CA_BUNDLE": str(https_s3.ca_file)})
-    assert "GETs: obstore" in d.log
+    assert "GETs: threads" in d.log
     ids = []
     with attach(synthetic.dataset, batch_size=4, socket=d.socket, job="https", cache_size=24, **RAW) as stream:
         for batch in stream.epoch(0):

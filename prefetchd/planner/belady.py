@@ -1,14 +1,14 @@
 """`belady` (the default): prefetch and eviction integrated, so a prefetch never costs a hit.
 
-The window (both zones of `wanted`) is walked nearest use first; a missing field takes a FREE slot, or evicts a
-resident that offline MIN, run from the cache as it is over the upcoming schedule, evicts before that resident's
-next use ("doomed": its next use is a MIN miss anyway). That is the "do no harm" rule of Cao, Felten, Karlin, Li
-(1995) made exact: nothing needed before the prefetched field and nothing MIN keeps for a hit is evicted; leased
-and filling slots never. When no doomed field is free to go (typically MIN's victims are in the batch a rank
-still holds), the prefetcher waits, in order, until a release or a finished fill changes that. The fields
-fetched are then MIN's on the same reference string, so the per-epoch hit rate matches the offline Belady bound
-of a demand-fetch cache of `cache_size` fields (`prefetchd.bounds.simulate`), and the window fills as deep as the cache
-allows beyond what MIN keeps: the larger the cache relative to window + leased batches, the fewer prefetches wait.
+Offline MIN runs ahead of the ranks over their known reads (`min_run.py`, from the cache as it is). Its misses
+are the fields to prefetch, in read order; each takes a FREE slot or a *victim*: a resident MIN evicts before
+its next read, once that read's predecessor is done and released (its next use is a MIN miss anyway, so
+evicting it now costs nothing). That is the "do no harm" rule of Cao, Felten, Karlin, Li (1995) made exact:
+nothing needed before the prefetched field and nothing MIN keeps for a hit is evicted; leased and filling slots
+never. When no victim is free (typically MIN's victims are in the batch a rank still holds), the prefetcher
+waits, in order, until a release or a finished fill changes that. The fields fetched are then MIN's on the same
+reads, so the per-epoch hit rate matches the offline Belady bound of a demand-fetch cache of `cache_size`
+fields (`prefetchd.bounds.simulate`), and the window fills as deep as the cache allows beyond what MIN keeps.
 
 One exception keeps the daemon's purpose (no stall) first (`guarded`): a rank that keeps each batch longer than a
 fill takes (its think time, measured between a reply and its next request, exceeds the fill time) gets its next
@@ -17,59 +17,142 @@ needed before it); otherwise it would wait one fill on every batch when the cach
 counted in `guarded_evictions`. A rank that is back at once (the daemon is the bottleneck) gains nothing from it
 and sees exact MIN; `prefetch_factor: 0` turns it off.
 
-A fetch that must not wait (a rank is asking for the batch) evicts the resident with the furthest next use:
-MIN's own choice at that moment.
+A fetch that must not wait (a rank is asking for the batch) takes a victim too, else evicts the resident with
+the furthest next use: MIN's own choice at that moment.
+
+Cost: the run is kept from call to call (O(log cache) per read) and patched where reality departs from it (a
+demand or guarded eviction of a field MIN keeps: `MinRun.lost`); ranks attaching or detaching, a quarantine or a
+rank jumping back start a new run (O(cache), vectorised). `runs` counts the runs started.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
-from typing import Callable, Iterable, Iterator
+import numpy as np
 
-from prefetchd.cache import SlotCache
 from prefetchd.planner.base import Planner
+from prefetchd.planner.min_run import MinRun
 from prefetchd.policy import Policy
-from prefetchd.timeline import Horizon, live
+from prefetchd.timeline import RankState, live
+
+LOOKAHEAD_TURNOVERS = 4   # simulate at most this many cache-fulls of reads ahead to find a victim
 
 
 class BeladyPlanner(Planner):
     policy = Policy.BELADY
 
-    def plan(self) -> None:
-        """Prefetch the window (nearest use first) evicting only fields MIN would evict before their next use;
-        stop at the first field that must wait, so fetches keep their order."""
-        must, deep = self.wanted()
-        horizon = self.horizon()
-        protected = self.next_batches()
-        guarded = self.guarded()
-        for f in must + deep:
-            if self.busy:
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.run: MinRun | None = None
+        self.runs = 0                 # MIN runs started: 1 + restarts
+        self._departed = False        # reality took a field the run keeps (patched; restart when it pays)
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def _restructured(self) -> None:
+        self.run = None
+
+    def _moved(self, rank: RankState, before: tuple | None) -> None:
+        length = self.timeline.length
+        if before is not None and rank.epoch * length + rank.position < before[0] * length + before[1]:
+            self.run = None    # a rank went back (a resumed checkpoint): its reads come again
+        elif self.run is not None:
+            self.run.retry_held()
+
+    def _released(self) -> None:
+        if self.run is not None:
+            self.run.retry_held()
+
+    def _evicted(self, f: int) -> None:
+        if self.run is not None:
+            self.run.lost(f, self.cursor_times())
+            self._departed = True
+
+    def current_run(self) -> MinRun:
+        if self.run is not None and self._departed and \
+                min(self.cursor_times()) - min(self.run.basis) >= self.cache.capacity:
+            self.run = None    # patched until now; a new run from reality is optimal again, and costs about a
+            #                    cache-full of simulated reads: at most once per cache-full of reads consumed
+        if self.run is None:
+            self._departed = False
+            self.run = MinRun(self.horizon, self.cursor_times(), list(self.cache.slot_of), self.cache.capacity)
+            self.runs += 1
+        return self.run
+
+    def lookahead(self) -> int:
+        """Simulate up to this time: a few cache-fulls of reads past the earliest cursor."""
+        return min(self.cursor_times()) + LOOKAHEAD_TURNOVERS * self.cache.capacity + 64
+
+    # ---- prefetch ------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """Prefetch MIN's misses in read order, each into a free slot or an enabled victim; stop at the first
+        that must wait (or lies beyond its rank's window), so fetches keep their order."""
+        if not self.horizon.ranks:
+            return
+        released = self.released_times()
+        run = self.current_run()
+        until = self.lookahead()
+        depth = self.depths()[1]
+        length = self.timeline.length
+        protected = _NextBatches(self)
+        guarded: set[int] | None = None
+        while not self.busy:
+            miss = run.next_miss(until)
+            if miss is None:
+                return
+            t, r, e, p, f = miss
+            st = self.ranks[r]
+            ahead = (e - st.epoch) * length + p - st.position
+            if ahead < 0:              # read already (fetched on demand)
+                run.pop_miss()
+                continue
+            if ahead >= depth:
                 return
             if self.cache.lookup(f) is not None:
+                run.cancel(f, t)
+                run.pop_miss()
                 continue
-            slot = take_doomed_slot(self.cache, self.doomed(horizon), protected)
-            if slot is None and f in guarded:
-                # Latency first: evict what MIN would miss least, but never a field needed before this one.
-                need_at = horizon.next_use(f)
-                sooner = {g for g in self.cache.residents if horizon.next_use(g) <= need_at}
-                victim = farthest(self.cache, protected | guarded | sooner, horizon.next_use)
-                slot = None if victim is None else self.cache.evict(victim)
-                self.guarded_evictions += slot is not None
+            slot = self.cache.take_free()
             if slot is None:
-                return
+                slot = run.take_victim(self.cache, protected, released, until)
+            if slot is None:
+                guarded = self.guarded() if guarded is None else guarded
+                if f in guarded:
+                    slot = self._guarded_slot(f, guarded)
+                if slot is None:
+                    return
+            run.pop_miss()
             self.filler.start(f, slot)
 
-    def victim(self, protected: set[int]) -> int | None:
-        return farthest(self.cache, protected, self.horizon().next_use)
+    def take_slot(self, protected, *, free_only: bool = False) -> int | None:
+        """For a fetch that must not wait: a FREE slot, else a victim of the run, else the farthest resident."""
+        slot = self.cache.take_free()
+        if slot is not None or free_only:
+            return slot
+        if self.horizon.ranks:
+            slot = self.current_run().take_victim(self.cache, protected, self.released_times(), self.lookahead())
+            if slot is not None:
+                return slot
+        return super().take_slot(protected)
 
-    def doomed(self, horizon: Horizon) -> Iterator[int]:
-        """Residents (ready, leased or filling) that MIN, run from the cache as it is over every live rank's
-        upcoming schedule, evicts before their next use (lazy: nothing is computed while a slot is free;
-        `min_evictions`, bounded to a few cache turnovers — beyond that the prefetch waits)."""
-        slots = self.cache.capacity
-        yield from min_evictions(self.cache.residents, slots, horizon.references(), horizon.next_use,
-                                 horizon.next_use_after, max_steps=4 * slots + 64)
+    def victim(self, protected) -> int | None:
+        return self.farthest(lambda f: f in protected)
+
+    def farthest(self, excluded, after: int = -1) -> int | None:
+        """The evictable slot whose field's next use (from the cursors) is furthest away and later than `after`,
+        skipping fields for which `excluded(f)` holds. O(cache), vectorised: only when reality departs from MIN."""
+        slots = list(self.cache.evictable())
+        if not slots:
+            return None
+        fields = np.fromiter((self.cache.field_of[s] for s in slots), dtype=np.int64, count=len(slots))
+        uses = self.horizon.next_uses(fields, self.cursor_times()) if self.horizon.ranks else \
+            np.zeros(len(slots), dtype=np.int64)
+        for i in np.argsort(-uses, kind="stable").tolist():
+            if uses[i] <= after:
+                return None
+            if not excluded(int(fields[i])):
+                return slots[i]
+        return None
 
     def guarded(self) -> set[int]:
         """The next batch of every rank that keeps a batch longer than a fill takes (`think_s > fill_s`): such a
@@ -81,64 +164,24 @@ class BeladyPlanner(Planner):
             return set()
         return self.next_batches(r for r in live(self.ranks.values()) if r.think_s > fill_s)
 
-
-def farthest(cache: SlotCache, protected: set[int], next_use: Callable[[int], float]) -> int | None:
-    """The evictable slot (READY, unleased, field not protected) whose field's next use is furthest away."""
-    best, best_distance = None, -1.0
-    for slot in cache.evictable(protected):
-        distance = next_use(cache.field_of[slot])
-        if distance > best_distance:
-            best, best_distance = slot, distance
-            if distance == math.inf:
-                break
-    return best
-
-
-def take_doomed_slot(cache: SlotCache, doomed: Iterable[int], protected: set[int]) -> int | None:
-    """A slot for a prefetch: a FREE slot, else the first field of `doomed` (fields offline MIN evicts before
-    their next use, in MIN's eviction order; `min_evictions`) that is READY, unleased and not in `protected`,
-    evicted. None: nothing may be evicted now, the prefetch waits. `doomed` is consumed lazily, only as far as
-    needed."""
-    slot = cache.take_free()
-    if slot is not None:
+    def _guarded_slot(self, f: int, guarded: set[int]) -> int | None:
+        """Latency first: evict what MIN would miss least, but never a field needed before `f`."""
+        need_at = int(self.horizon.next_uses(np.array([f], dtype=np.int64), self.cursor_times())[0])
+        victim = self.farthest(lambda g: self.is_next(g) or g in guarded, after=need_at)
+        if victim is None:
+            return None
+        self.guarded_evictions += 1
+        f_out = self.cache.field_of[victim]
+        slot = self.cache.evict(victim)
+        self._evicted(f_out)
         return slot
-    for f in doomed:
-        slot = cache.evictable_slot_of(f)
-        if slot is not None and f not in protected:
-            return cache.evict(slot)
-    return None
 
 
-def min_evictions(residents: Iterable[int], capacity: int, references: Iterable[tuple[float, int]],
-                  next_use: Callable[[int], float], next_use_after: Callable[[int, float], float],
-                  max_steps: int) -> Iterator[int]:
-    """Run offline MIN (Belady) from a cache holding `residents` (capacity `capacity`) over `references`
-    ((time, field), in order; times are schedule distances from now) and yield, in eviction order, each
-    resident that MIN evicts before its next reference — its next use is a miss for MIN anyway, so evicting
-    it now costs nothing. A resident referenced first is kept for that hit and never yielded.
+class _NextBatches:
+    """Fields some rank reads in its next batch: never evicted by a prefetch."""
 
-    `next_use(f)`: f's first reference from now; `next_use_after(f, t)`: its first reference later than t
-    (inf when none within the schedule's horizon). Lazy, and stops after `max_steps` references.
-    """
-    nu = {f: next_use(f) for f in residents}
-    pending = set(nu)  # residents not yet referenced: their fate is open
-    heap = [(-t, f) for f, t in nu.items()]
-    heapq.heapify(heap)
-    for step, (t, f) in enumerate(references):
-        if step >= max_steps or not pending:
-            return
-        if f in nu:
-            pending.discard(f)
-        else:
-            while len(nu) >= capacity and heap:
-                neg, g = heapq.heappop(heap)
-                if nu.get(g) != -neg:
-                    continue  # stale entry
-                del nu[g]
-                if g in pending:
-                    pending.discard(g)
-                    yield g
-                break
-        later = next_use_after(f, t)
-        nu[f] = later
-        heapq.heappush(heap, (-later, f))
+    def __init__(self, planner: Planner):
+        self.planner = planner
+
+    def __contains__(self, f: int) -> bool:
+        return self.planner.is_next(f)
