@@ -13,6 +13,7 @@ positions count for its substitute, which is served there.
 from __future__ import annotations
 
 import array
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -117,15 +118,23 @@ class Timeline:
         order = self._epochs.get(e)
         if order is None:
             order = self._epochs[e] = EpochOrder(self.n_fields, self.seed, e)
-            for old in [k for k in self._epochs if k < e - 3]:
+            for old in [k for k in self._epochs if not e - 3 <= k <= e + 3]:   # around the newest only
                 del self._epochs[old]
         return order
 
-    def uses(self, f: int, e: int) -> list[tuple[int, int]]:
-        """(rank, position) of every read of field `f` itself in epoch `e` (two when padding repeats it)."""
-        out = []
+    def uses(self, f: int, e: int, rank: int | None = None) -> list[tuple[int, int]]:
+        """(rank, position) of every read of field `f` itself in epoch `e` (two when padding repeats it); with
+        `rank`, that rank's only, solved from the inverse in O(its reads): never O(world_size / fields)."""
         n, w = self.n_fields, self.world_size
         i = int(self.epoch(e).inv[f])
+        if rank is not None:   # positions p < length with (p * w + rank) % n == i: a linear congruence
+            g = math.gcd(w, n)
+            if (i - rank) % g:
+                return []
+            m = n // g
+            first = (i - rank) // g * pow(w // g, -1, m) % m
+            return [(rank, p) for p in range(first, self.length, m)]
+        out = []
         while i < self.per_rank * w:
             p = i // w
             if p < self.length:
@@ -216,30 +225,26 @@ class Horizon:
         tl = self.timeline
         n, w = tl.n_fields, tl.world_size
         perm = tl.epoch(e).perm
-        total = tl.per_rank * w
-        idx = np.full(w, -1, dtype=np.int64)
-        for r, i in self.index.items():
-            if r < w:
-                idx[r] = i
         times = np.full(n, NEVER, dtype=np.int64)
         seconds: dict[int, int] = {}
-        for start in range(0, total, n):   # the padded tail (without drop_last) repeats the head
-            i = np.arange(start, min(total, start + n), dtype=np.int64)
-            pos, rank = np.divmod(i, w)
-            ok = (pos < tl.length) & (idx[rank] >= 0)
-            i, pos, rank = i[ok], pos[ok], rank[ok]
-            t = ((e * self.bpe + pos // self.b) * self.step_span + idx[rank] * self.b + pos % self.b)
-            fields = perm[i % n]
-            if start == 0:
-                times[fields] = t
-            else:
-                for f, tf in zip(fields.tolist(), t.tolist()):
-                    if times[f] == NEVER:
-                        times[f] = tf
-                    else:
-                        seconds[f] = tf
+        # Only the live ranks' reads: O(live ranks × their positions), never O(world_size) (a job may say
+        # world_size 10^8 over a few fields). Rank r reads permutation index p * w + r at position p; the
+        # padded tail (without drop_last) repeats the head, so a field may be read more than once.
+        pos = np.arange(tl.length, dtype=np.int64)
+        reading = [(r, k) for r, k in self.index.items() if r < w]
+        if reading and tl.length:
+            i = np.concatenate([pos * w + r for r, _ in reading])
+            t = np.concatenate([(e * self.bpe + pos // self.b) * self.step_span + k * self.b + pos % self.b
+                                for _, k in reading])
+            by_index = np.argsort(i, kind="stable")
+            fields, t = perm[i[by_index] % n], t[by_index]
+            firsts, first_at = np.unique(fields, return_index=True)
+            times[firsts] = t[first_at]
+            lasts, last_at = np.unique(fields[::-1], return_index=True)
+            again = t[len(t) - 1 - last_at] != times[lasts]
+            seconds = dict(zip(lasts[again].tolist(), t[len(t) - 1 - last_at][again].tolist()))
         tab = self._tables[e] = (times, array.array("q", times.tobytes()), seconds)
-        for old in [k for k in self._tables if k < e - 2]:
+        for old in [k for k in self._tables if not e - 2 <= k <= e + 2]:   # any epoch a rank names: a few kept
             del self._tables[old]
         return tab
 
