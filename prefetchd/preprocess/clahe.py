@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 MAX_BINS = 65536
-NATIVE_ABI = 2       # prefetchd_clahe_abi() of the matching _clahe.c (function signatures)
+NATIVE_ABI = 3       # prefetchd_clahe_abi() of the matching _clahe.c (function signatures)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -221,6 +221,8 @@ def bind_native(path: str) -> ctypes.CDLL:
     lib.prefetchd_clahe_interp.restype = I
     lib.prefetchd_lut_u16.argtypes = [P, S, P, S, I, I, I, P]
     lib.prefetchd_lut_u16.restype = None
+    lib.prefetchd_illum_u16.argtypes = [P, S, P, S, P, S, I, I, I]
+    lib.prefetchd_illum_u16.restype = None
     lib.prefetchd_hist_u16.argtypes = [P, S, I, I, I, P]
     lib.prefetchd_hist_u16.restype = None
     lib.prefetchd_clahe_tile_minmax.argtypes = [P, S, I, I, I, I, I, P, P]
@@ -389,6 +391,25 @@ def _clahe_u16_native(lib, src: np.ndarray, padded: np.ndarray, target: np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------- rescale
+
+def illum_divide(image: np.ndarray, illum: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`image / illum` in float32, rounded half to even and clipped to uint16 (`illum` > 0 and finite, as
+    `decode.decode_npy` checks): one native pass, or numpy's five."""
+    if out is None:
+        out = np.empty(image.shape, np.uint16)
+    lib = _load_native()
+    if (lib is not None and image.ndim == 2 and image.dtype == np.uint16 and illum.dtype == np.float32
+            and illum.shape == image.shape and out.shape == image.shape and out.dtype == np.uint16
+            and _rows_ok(image) and _rows_ok(out) and illum.strides[1] == 4 and illum.strides[0] % 4 == 0):
+        lib.prefetchd_illum_u16(image.ctypes.data, image.strides[0] // 2, illum.ctypes.data, illum.strides[0] // 4,
+                                out.ctypes.data, out.strides[0] // 2, 0, image.shape[0], image.shape[1])
+        return out
+    corrected = image.astype(np.float32) / illum.astype(np.float32, copy=False)
+    np.rint(corrected, out=corrected)
+    np.clip(corrected, 0, 65535, out=corrected)
+    out[...] = corrected
+    return out
+
 
 def histogram_u16(image: np.ndarray) -> np.ndarray:
     """65,536-bin histogram (int64) of a uint16 image."""

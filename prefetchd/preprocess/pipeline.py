@@ -16,6 +16,7 @@ import numpy as np
 from prefetchd.errors import ConfigError
 from prefetchd.preprocess.clahe import check_params
 from prefetchd.preprocess.clahe import clahe as _clahe_cpu
+from prefetchd.preprocess.clahe import illum_divide as _illum_divide
 from prefetchd.preprocess.clahe import rescale as _rescale
 
 WHERE = ("daemon", "trainer")
@@ -144,10 +145,7 @@ class Preprocessing:
 
 def illum_correct(image: np.ndarray, illum: np.ndarray) -> np.ndarray:
     """`orig / illum` in float32, rounded (half to even) and clipped to uint16."""
-    corrected = image.astype(np.float32) / illum.astype(np.float32, copy=False)
-    np.rint(corrected, out=corrected)
-    np.clip(corrected, 0, 65535, out=corrected)
-    return corrected.astype(np.uint16)
+    return _illum_divide(image, illum)
 
 
 def apply_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessing, out: np.ndarray,
