@@ -88,6 +88,24 @@ def test_the_native_illumination_pass_equals_the_numpy_definition(shape):
     np.testing.assert_array_equal(C.illum_divide(img, wide), numpy_illum(img, wide))
 
 
+def test_the_native_rescale_table_equals_percentiles_then_lut():
+    """`rescale_table` (one native pass over the histogram) is `percentiles_from_hist` + `rescale_lut` bit for
+    bit: random, skewed, flat (span < 1) and narrow channels, default and odd percentiles."""
+    assert C.native_available()
+    rng = np.random.default_rng(11)
+    for trial in range(100):
+        shape = (int(rng.integers(1, 200)), int(rng.integers(1, 200)))
+        img = [rng.integers(0, 65536, shape), rng.gamma(2, 300, shape), np.full(shape, int(rng.integers(0, 65536))),
+               rng.integers(100, 103, shape), (rng.random(shape) ** 8) * 65535][trial % 5].astype(np.uint16)
+        hist = C.histogram_u16(img)
+        for low, high in [(0.1, 99.9), (0.0, 100.0), (float(rng.random() * 50), float(50 + rng.random() * 50))]:
+            expected = C.rescale_lut(*C.percentiles_from_hist(hist, (low, high)))
+            np.testing.assert_array_equal(C.rescale_table(hist, low, high), expected, err_msg=f"{trial} {low} {high}")
+    hist = np.zeros(65536, np.int64)
+    corrected = C.illum_divide(img, np.full(img.shape, 0.7, np.float32), hist=hist)   # the histogram in passing
+    np.testing.assert_array_equal(hist, C.histogram_u16(corrected))
+
+
 def test_rescale_percentiles_match_numpy():
     rng = np.random.default_rng(5)
     for img in [rng.integers(100, 7000, (301, 257)).astype(np.uint16), rng.gamma(2, 300, (64, 64)).astype(np.uint16)]:

@@ -143,9 +143,9 @@ class Preprocessing:
         }
 
 
-def illum_correct(image: np.ndarray, illum: np.ndarray) -> np.ndarray:
-    """`orig / illum` in float32, rounded (half to even) and clipped to uint16."""
-    return _illum_divide(image, illum)
+def illum_correct(image: np.ndarray, illum: np.ndarray, hist: np.ndarray | None = None) -> np.ndarray:
+    """`orig / illum` in float32, rounded (half to even) and clipped to uint16; `hist` gets its histogram."""
+    return _illum_divide(image, illum, hist=hist)
 
 
 def apply_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessing, out: np.ndarray,
@@ -155,14 +155,16 @@ def apply_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessi
     `threads` > 1 splits the CLAHE over that many threads (same pixels); the daemon's decode pool already
     runs one channel per thread, so it keeps the default 1.
     """
+    hist = None
     if opts.illum and illum is not None:
-        image = illum_correct(image, illum)
+        hist = np.zeros(65536, np.int64) if opts.rescale is not None else None   # the rescale's, in passing
+        image = illum_correct(image, illum, hist)
     cl = opts.daemon_clahe
     if opts.rescale is not None:
         target = np.empty(image.shape, np.uint16) if cl is not None else out
         if target.dtype != np.uint16:
             target = np.empty(image.shape, np.uint16)
-        image = _rescale(image, opts.rescale.low, opts.rescale.high, out=target)
+        image = _rescale(image, opts.rescale.low, opts.rescale.high, out=target, hist=hist)
     if cl is not None:
         if out.dtype == np.uint16 and out.shape == image.shape:
             _clahe_cpu(image, cl.clip_limit, cl.tile_grid, cl.bins, out=out, threads=threads)
