@@ -174,7 +174,7 @@ def run_one(server, spec, workdir: Path, *, scheme: str, transport: str, prep: s
         pin(server.proc.pid, others)
         os.sched_setaffinity(0, others)
         if profile:
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", os.environ.get("PYSPY_RATE", "250"), "--format", "raw",
                                     "--threads", "--nonblocking", "-o",
                                     str(workdir / f"pyspy-{scheme}-{transport}-{prep}-{cores}.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
