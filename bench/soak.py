@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -60,6 +61,7 @@ STALL_S = 10.0              # a stalled GET holds its connection this long; the 
 READ_TIMEOUT_S = 2.0
 PROGRESS_TIMEOUT_S = 180.0  # an event waits at most this long for every trainer to make progress
 LEAK_JUDGED_FROM_MINUTES = 5.0
+QUARANTINE_LINE = re.compile(r"quarantined field (\S+): ")   # prefetchd.filler's ERROR line
 RSS_GROWTH_LIMIT_PCT = 5.0
 FD_GROWTH_LIMIT = 2
 
@@ -421,10 +423,11 @@ class Soak:
                 self.errors.append(f"{t.name} did not finish its epoch within {PROGRESS_TIMEOUT_S:.0f} s")
         self.check_trainers()
         self.daemon_counters.append(request("status", sock, timeout=30))
-        tracebacks = (self.work / "daemon.log").read_text(errors="replace").count("Traceback")
         exit_code = self.daemon.stop()
         self.note(f"daemon stopped (exit {exit_code})")
-        return {"status": status, "tracebacks": tracebacks, "exit_code": exit_code}
+        log = (self.work / "daemon.log").read_text(errors="replace")   # every daemon life, appended
+        return {"status": status, "tracebacks": log.count("Traceback"), "exit_code": exit_code,
+                "quarantined_in_run": sorted(set(QUARANTINE_LINE.findall(log)))}
 
     def judge(self, plan: JobPlan, source: SourceFields, bad: set[str], n: int) -> dict[str, Any]:
         """What this job's trainers recorded, identified by the pixels' digests and signatures."""
@@ -477,7 +480,10 @@ class Soak:
         judged = leak["judged"]
         leak_ok = not judged or (leak["daemon_rss_growth_pct"] < RSS_GROWTH_LIMIT_PCT
                                  and leak["daemon_fds_growth"] <= FD_GROWTH_LIMIT)
-        passed = content_ok and leak_ok and not self.errors and stop_code == 0 and traceback_lines == 0
+        # Exactly the always-bad fields were ever quarantined, by whichever daemon life met them first.
+        quarantine_ok = ending["quarantined_in_run"] == sorted(bad)
+        passed = (content_ok and leak_ok and quarantine_ok and not self.errors and stop_code == 0
+                  and traceback_lines == 0)
         return {
             "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
             "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - self.now())),
@@ -502,6 +508,7 @@ class Soak:
             "always_bad_gets": bad_gets,
             "daemon_counters": totals,
             "quarantined_at_end": {j["job"]: sorted(q["field"] for q in j["quarantined"]) for j in status["jobs"]},
+            "quarantined_in_run": ending["quarantined_in_run"],
             "results": results,
             **leak,
             "daemon_tracebacks": traceback_lines,
@@ -580,6 +587,12 @@ def markdown(r: dict[str, Any], json_name: str) -> str:
               "", f"Daemon restarts {r['daemon_restarts']}, trainer restarts {r['trainer_restarts']}; daemon "
                   f"retries {r['daemon_counters']['retries']}, tracebacks in its log {r['daemon_tracebacks']}, "
                   f"exit code at the end {r['daemon_exit_code']}.", ""]
+    lines += [f"Fields quarantined over the run (every daemon life, from its log): "
+              + (", ".join(f"`{f}`" for f in r["quarantined_in_run"]) or "none")
+              + (": exactly the always-bad ones." if r["quarantined_in_run"] == sorted(s["always_bad"])
+                 else f"; expected exactly {', '.join(sorted(s['always_bad']))}.")
+              + " (`quarantined at end` counts what the restarted daemon's jobs held when the stop was requested: "
+                "a bad field met only before the daemon restart is not among them.)", ""]
     if r.get("daemon_rss_mb"):
         judged = "" if r["judged"] else f" (not judged: runs under {LEAK_JUDGED_FROM_MINUTES:g} min are too short)"
         lines += [f"Restarted daemon from {r['leak_window_s'][0]:.0f} s to {r['leak_window_s'][1]:.0f} s{judged}: RSS "

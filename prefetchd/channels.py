@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 from prefetchd.errors import DatasetError
 
 # Phenix ch1..ch8. Brightfield planes are high, low and in-focus; names follow the illum file stains.
@@ -43,9 +45,9 @@ def parse_channels(value: str | list[str] | tuple[str, ...] | None) -> tuple[str
         name = by_lower.get(str(raw).strip().lower())
         if name is None:
             raise DatasetError(
-                f"unknown channel {raw!r}; accepted channels: {', '.join(PHENIX_CHANNELS)}"
+                f"unknown channel {reprlib.repr(raw)}; accepted channels: {', '.join(PHENIX_CHANNELS)}"
             )
         if name in out:
-            raise DatasetError(f"channel {name!r} is listed twice in channels={value!r}")
+            raise DatasetError(f"channel {name!r} is listed twice in channels={reprlib.repr(value)}")
         out.append(name)
     return tuple(out)

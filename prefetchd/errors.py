@@ -41,6 +41,9 @@ class ErrorCode(enum.StrEnum):
     NO_ROOT = "no_root"
 
 
+MAX_MESSAGE = 1000   # characters of an error message: it may quote what a client sent, never all of it
+
+
 class PrefetchdError(Exception):
     """An error the user can fix. The CLI prints `error: <message>` (one line, no traceback)."""
 
@@ -54,7 +57,12 @@ class PrefetchdError(Exception):
 
     @property
     def message(self) -> str:
-        return str(self.args[0])
+        """The one line the user sees; a message that quotes a huge request value is cut in the middle."""
+        text = str(self.args[0])
+        if len(text) <= MAX_MESSAGE:
+            return text
+        head, tail = MAX_MESSAGE * 2 // 3, MAX_MESSAGE // 4
+        return f"{text[:head]} …({len(text) - head - tail} characters left out)… {text[-tail:]}"
 
 
 class InternalError(PrefetchdError):

@@ -17,7 +17,8 @@ ACCEPTED = ("channels", "illum", "rescale", "clahe", "cache_size", "prefetch_fac
 
 # Upper bounds on the sizes an attach request sets, checked before anything is allocated from them: no
 # request may make the daemon allocate or loop in proportion to a number it sent.
-MAX_WORLD_SIZE = 1 << 16          # ranks in one training run
+MAX_WORLD_SIZE = 10**8            # ranks in one training run (a rank's schedule costs O(fields / world_size),
+                                  # never O(world_size): this only refuses nonsense)
 MAX_LOCAL_WORLD_SIZE = 1024       # ranks of one job on this node
 MAX_BATCH_SIZE = 1 << 16          # fields per batch per rank
 MAX_CACHE_SIZE = (1 << 31) - 1    # slots; the shared-memory budget (checked before allocating) binds far earlier

@@ -54,6 +54,8 @@ def decode_request(line: bytes) -> dict[str, Any]:
         raise ProtocolError(f"request is not valid JSON ({exc.__class__.__name__}); send one JSON object per line") from None
     except RecursionError:
         raise ProtocolError("request nests too deeply; send a flat JSON object per line") from None
+    except ValueError:  # an integer of thousands of digits (Python refuses to convert it)
+        raise ProtocolError("request has a number too long to read: integers must fit in 64 bits") from None
     if not isinstance(request, dict):
         raise ProtocolError("request must be a JSON object with an 'op' field")
     op = request.get("op")

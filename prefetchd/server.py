@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
+import reprlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +206,8 @@ class Server:
                 try:
                     line = await read_request(reader, conn, pending, float(self.config.get("control.idle_timeout_s")))
                 except (ValueError, asyncio.LimitOverrunError):
+                    log.warning("refused a request from %s: longer than %d bytes (whatever it asked, attach "
+                                "included, was not read); closed the connection", conn.peer, MAX_LINE)
                     await _reply(writer, error_reply(ProtocolError(f"request longer than {MAX_LINE} bytes")))
                     break
                 except IdleConnection:
@@ -233,6 +238,9 @@ class Server:
         try:
             request = decode_request(line)
         except PrefetchdError as exc:
+            fields = _fields_of(line)
+            if fields.get("op") == "attach":  # refused by the schema: still one log line per failed attach
+                _log_refused_attach(exc, fields, conn)
             return error_reply(exc), b""
         if request["op"] == "next":  # may wait long for a fill: notice if the rank's process goes away
             return await until_peer_leaves(reader, self._dispatch(request, conn))
@@ -244,8 +252,7 @@ class Server:
             return await getattr(self, "op_" + op)(conn, **request)
         except PrefetchdError as exc:
             if op == "attach":
-                log.warning("attach refused (%s) for rank %s of job %s from %s: %s", exc.code, request.get("rank", 0),
-                            request.get("job") or "(default id)", conn.peer, exc.message)
+                _log_refused_attach(exc, request, conn)
             return error_reply(exc)
         except Exception as exc:  # a bug must not take the daemon or other clients down
             log.exception("%s request failed", op)
@@ -362,6 +369,33 @@ class Server:
             "disk_cache": self.stores.disk_status(),
             "concurrency": self.stores.concurrency_status(),
         }
+
+
+def _log_refused_attach(exc: PrefetchdError, request: dict, conn: Connection) -> None:
+    log.warning("attach refused (%s) for rank %s of job %s from %s: %s", exc.code, _short(request.get("rank", 0)),
+                _short(request.get("job") or "(default id)"), conn.peer, exc.message)
+
+
+def _fields_of(line: bytes) -> dict:
+    """The fields of a request line that did not pass `decode_request`, as far as they can be read."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, or a number too long to read: the op may still show
+        return {"op": "attach"} if _ATTACH_OP.search(line) else {}
+    return request if isinstance(request, dict) else {}
+
+
+_ATTACH_OP = re.compile(rb'"op"\s*:\s*"attach"')
+
+
+def _short(value: Any) -> str:
+    """A value from a request as it goes into a log line: one line, bounded (the request may be hostile)."""
+    text = _LOGGED.repr(value)
+    return text[1:-1] if isinstance(value, str) else text
+
+
+_LOGGED = reprlib.Repr()
+_LOGGED.maxstring = _LOGGED.maxother = 200
 
 
 async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:

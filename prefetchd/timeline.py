@@ -103,7 +103,9 @@ class Timeline:
 
     def put(self, rank: int, epoch: int, order: np.ndarray) -> np.ndarray:
         self._orders[(rank, epoch)] = order
-        for old in [k for k in self._orders if k[0] == rank and k[1] < epoch - 1]:
+        # Only the epochs around the newest are kept: a rank that asks for epochs out of order (resumed from a
+        # checkpoint, or hostile) must not make the daemon hold one schedule per epoch it ever named.
+        for old in [k for k in self._orders if k[0] == rank and not epoch - 1 <= k[1] <= epoch + 1]:
             self._orders.pop(old)
         return order
 

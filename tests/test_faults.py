@@ -7,6 +7,8 @@ bytes are never delivered.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -41,7 +43,9 @@ def check_pixels(synthetic, batch) -> None:
 def read_epoch(synthetic, d, job: str, epoch: int = 0, statuses: list | None = None) -> list[str]:
     statuses = [] if statuses is None else statuses
     ids = []
-    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=job, cache_size=24, **RAW) as stream:
+    # Job ids name /dev/shm segments machine-wide: another test session's daemon may hold the same name.
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"{job}-{os.getpid()}", cache_size=24,
+                **RAW) as stream:
         for batch in stream.epoch(epoch):
             assert len(batch.ids) == 4
             check_pixels(synthetic, batch)
@@ -113,7 +117,7 @@ def test_a_rank_waiting_in_next_during_a_restart_gets_exactly_its_batch(daemon, 
     from prefetchd.schedule import schedule
 
     d = daemon("s3.read_timeout_s=60", endpoint_url=proxy.url)
-    stream = attach(synthetic.dataset, batch_size=4, socket=d.socket, job="restart", cache_size=12,
+    stream = attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"restart-{os.getpid()}", cache_size=12,
                     prefetch_factor=1, reconnect_timeout_s=60, **RAW)
     second = None
     try:

@@ -93,7 +93,7 @@ def test_malformed_dataset_strings_are_one_line_without_internals(daemon, datase
 
 def test_request_sizes_are_bounded_before_anything_is_planned():
     # For server.op_attach (the daemon calls it before it plans or allocates anything from these numbers).
-    for args, needle in [((4, 0, 10**8, 1), f"world_size must be an integer >= 1 and <= {MAX_WORLD_SIZE}"),
+    for args, needle in [((4, 0, MAX_WORLD_SIZE + 1, 1), f"world_size must be an integer >= 1 and <= {MAX_WORLD_SIZE}"),
                          ((4, 0, 10**12, 1), "world_size"), ((10**9, 0, 1, 1), "batch_size"),
                          ((4, 5, 2, 1), "rank must be an integer >= 0 and <= 1"), ((4, 0, 8, 10**6), "local_world_size"),
                          ((4, 0, True, 1), "world_size")]:

@@ -121,6 +121,11 @@ def test_a_short_soak_with_kills_restarts_and_faults_receives_every_field_exactl
     assert report["daemon_restarts"] == 1 and report["trainer_restarts"] == 2
     assert all(t["reconnects"] >= 1 for t in report["trainers"].values())   # every rank lived through the restart
     assert len([m for m, n in report["faults_injected"].items() if n]) >= 3
-    assert all(len(fields) == 2 for fields in report["quarantined_at_end"].values())  # the two always-bad fields
+    # Exactly the two always-bad fields were quarantined over the run. Which daemon life met each depends on
+    # timing (on a slow machine the restart and the stop can fall in one epoch), so the run's log is counted,
+    # and what the last daemon held at the stop can only be some of them.
+    always_bad = sorted(report["setup"]["always_bad"])
+    assert len(always_bad) == 2 and report["quarantined_in_run"] == always_bad, report["quarantined_in_run"]
+    assert all(set(fields) <= set(always_bad) for fields in report["quarantined_at_end"].values())
     markdown = (tmp_path / "soak.md").read_text()
     assert "| raw |" in markdown and "| clahe |" in markdown and report["command"] in markdown
