@@ -69,6 +69,9 @@ class EpochOrder:
         self.inv[self.perm] = np.arange(n, dtype=np.int64)
 
 
+KEEP_ORDERS = 6   # schedules kept per rank: the epoch served, the one before, and the horizon's lookahead
+
+
 class Timeline:
     """The sample order of every rank of one job (`schedule`), with each field's positions and the
     substitutes of quarantined fields applied."""
@@ -103,10 +106,13 @@ class Timeline:
 
     def put(self, rank: int, epoch: int, order: np.ndarray) -> np.ndarray:
         self._orders[(rank, epoch)] = order
-        # Only the epochs around the newest are kept: a rank that asks for epochs out of order (resumed from a
-        # checkpoint, or hostile) must not make the daemon hold one schedule per epoch it ever named.
-        for old in [k for k in self._orders if k[0] == rank and not epoch - 1 <= k[1] <= epoch + 1]:
-            self._orders.pop(old)
+        # At most KEEP_ORDERS schedules per rank, the ones nearest the newest: a rank that asks for epochs out of
+        # order (resumed from a checkpoint, or hostile) must not make the daemon hold one schedule per epoch it
+        # ever named, and the planner's horizon, which reads a few epochs ahead, must not evict the one served.
+        mine = [k for k in self._orders if k[0] == rank]
+        if len(mine) > KEEP_ORDERS:
+            for old in sorted(mine, key=lambda k: abs(k[1] - epoch))[KEEP_ORDERS:]:
+                self._orders.pop(old)
         return order
 
     def batch(self, rank: int, epoch: int, batch: int) -> list[int]:

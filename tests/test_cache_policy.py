@@ -298,6 +298,23 @@ def test_job_lru_is_not_better_than_belady():
     assert hits["lru"] <= hits["belady"]
 
 
+def test_a_rank_naming_many_epochs_costs_a_few_schedules_and_the_horizon_keeps_the_served_one():
+    """Schedules are cached per rank, at most KEEP_ORDERS of them: a rank naming epochs at random (hostile, or
+    resumed) cannot grow the daemon, and the planner's horizon reading epochs ahead does not evict the epoch
+    being served (which would recompute it on every batch)."""
+    from prefetchd.timeline import KEEP_ORDERS
+
+    timeline = Timeline(64, 0, 2, 4, False, Quarantine(64))
+    for e in np.random.default_rng(0).integers(0, 10**6, 200):
+        timeline.order(1, int(e))
+    assert len([k for k in timeline._orders if k[0] == 1]) == KEEP_ORDERS
+    served = timeline.order(0, 7)
+    for ahead in (8, 9, 10):      # the horizon's lookahead
+        timeline.order(0, ahead)
+    assert timeline.order(0, 7) is served
+    np.testing.assert_array_equal(served, schedule(64, 0, 7, 0, 2, 4))
+
+
 def test_two_ranks_get_their_batches_and_hit_about_as_often_as_min():
     n, cache_size, batch, epochs, world = 64, 24, 4, 3, 2
     job, status, served = asyncio.run(run_job(n, cache_size, batch, epochs, "belady", world=world))
