@@ -69,7 +69,7 @@ class EpochOrder:
         self.inv[self.perm] = np.arange(n, dtype=np.int64)
 
 
-KEEP_ORDERS = 6   # schedules kept per rank: the epoch served, the one before, and the horizon's lookahead
+KEEP_EPOCHS = 6   # permutations kept (`Timeline.epoch`): the epochs served and the planner's horizon ahead
 
 
 class Timeline:
@@ -106,13 +106,11 @@ class Timeline:
 
     def put(self, rank: int, epoch: int, order: np.ndarray) -> np.ndarray:
         self._orders[(rank, epoch)] = order
-        # At most KEEP_ORDERS schedules per rank, the ones nearest the newest: a rank that asks for epochs out of
-        # order (resumed from a checkpoint, or hostile) must not make the daemon hold one schedule per epoch it
-        # ever named, and the planner's horizon, which reads a few epochs ahead, must not evict the one served.
-        mine = [k for k in self._orders if k[0] == rank]
-        if len(mine) > KEEP_ORDERS:
-            for old in sorted(mine, key=lambda k: abs(k[1] - epoch))[KEEP_ORDERS:]:
-                self._orders.pop(old)
+        # Only the epochs around the newest are kept: a rank that asks for epochs out of order (resumed from a
+        # checkpoint, or hostile) must not make the daemon hold one schedule per epoch it ever named. (The
+        # planner's horizon reads epochs ahead from `epoch(e)`, not from here, so it never evicts the served one.)
+        for old in [k for k in self._orders if k[0] == rank and not epoch - 1 <= k[1] <= epoch + 1]:
+            self._orders.pop(old)
         return order
 
     def batch(self, rank: int, epoch: int, batch: int) -> list[int]:
@@ -123,8 +121,9 @@ class Timeline:
         order = self._epochs.get(e)
         if order is None:
             order = self._epochs[e] = EpochOrder(self.n_fields, self.seed, e)
-            for old in [k for k in self._epochs if k < e - 3]:
-                del self._epochs[old]
+            if len(self._epochs) > KEEP_EPOCHS:   # the nearest the newest: the horizon's few epochs, bounded
+                for old in sorted(self._epochs, key=lambda k: abs(k - e))[KEEP_EPOCHS:]:
+                    del self._epochs[old]
         return order
 
     def uses(self, f: int, e: int) -> list[tuple[int, int]]:
@@ -222,28 +221,27 @@ class Horizon:
         tl = self.timeline
         n, w = tl.n_fields, tl.world_size
         perm = tl.epoch(e).perm
-        total = tl.per_rank * w
-        idx = np.full(w, -1, dtype=np.int64)
-        for r, i in self.index.items():
-            if r < w:
-                idx[r] = i
+        # Only the live ranks' reads: rank r reads permutation index p * w + r at position p (< its schedule's
+        # length), so the cost is what the ranks read, however large the world (10^8 ranks of one field each).
+        live = [(r, i) for r, i in self.index.items() if r < w]
         times = np.full(n, NEVER, dtype=np.int64)
         seconds: dict[int, int] = {}
-        for start in range(0, total, n):   # the padded tail (without drop_last) repeats the head
-            i = np.arange(start, min(total, start + n), dtype=np.int64)
-            pos, rank = np.divmod(i, w)
-            ok = (pos < tl.length) & (idx[rank] >= 0)
-            i, pos, rank = i[ok], pos[ok], rank[ok]
-            t = ((e * self.bpe + pos // self.b) * self.step_span + idx[rank] * self.b + pos % self.b)
-            fields = perm[i % n]
-            if start == 0:
-                times[fields] = t
-            else:
-                for f, tf in zip(fields.tolist(), t.tolist()):
-                    if times[f] == NEVER:
-                        times[f] = tf
-                    else:
-                        seconds[f] = tf
+        if live and tl.length:
+            ranks = np.array([r for r, _ in live], dtype=np.int64)[:, None]
+            slot = np.array([i for _, i in live], dtype=np.int64)[:, None]
+            pos = np.arange(tl.length, dtype=np.int64)[None, :]
+            index = (pos * w + ranks).ravel()
+            t = ((e * self.bpe + pos // self.b) * self.step_span + slot * self.b + pos % self.b).ravel()
+            order = np.argsort(index, kind="stable")     # a field's first read is the one of lowest index
+            index, t = index[order], t[order]
+            fields = perm[index % n]
+            _, first = np.unique(fields, return_index=True)
+            times[fields[first]] = t[first]
+            if len(first) < len(fields):                 # the padded tail (without drop_last) repeats the head
+                again = np.ones(len(fields), dtype=bool)
+                again[first] = False
+                for f, tf in zip(fields[again].tolist(), t[again].tolist()):
+                    seconds[f] = tf
         tab = self._tables[e] = (times, array.array("q", times.tobytes()), seconds)
         for old in [k for k in self._tables if k < e - 2]:
             del self._tables[old]
@@ -321,7 +319,8 @@ class Horizon:
                 hi = min(b, length - k * b)
                 if lo >= hi:
                     continue
-                fields = tl.order(r, e)[k * b + lo : k * b + hi].tolist()
+                reads = np.arange(k * b + lo, k * b + hi, dtype=np.int64) * tl.world_size + r
+                fields = tl.epoch(e).perm[reads % tl.n_fields].tolist()   # = tl.order(r, e)[k*b+lo : k*b+hi]
                 if len(tl.quarantine):
                     fields = [tl.substitute(f) for f in fields]
                 yield base + lo, r, e, k * b + lo, fields

@@ -298,21 +298,25 @@ def test_job_lru_is_not_better_than_belady():
     assert hits["lru"] <= hits["belady"]
 
 
-def test_a_rank_naming_many_epochs_costs_a_few_schedules_and_the_horizon_keeps_the_served_one():
-    """Schedules are cached per rank, at most KEEP_ORDERS of them: a rank naming epochs at random (hostile, or
-    resumed) cannot grow the daemon, and the planner's horizon reading epochs ahead does not evict the epoch
-    being served (which would recompute it on every batch)."""
-    from prefetchd.timeline import KEEP_ORDERS
+def test_the_horizon_reads_epochs_ahead_without_touching_the_served_schedules_and_stays_bounded():
+    """The planner's horizon reads a few epochs ahead from the epoch permutations, not from the ranks' cached
+    schedules (those keep only the epochs around the newest one named, issue #16): reading ahead never evicts
+    the schedule being served, and the permutations kept stay a few however many epochs are named."""
+    from prefetchd.timeline import KEEP_EPOCHS
 
-    timeline = Timeline(64, 0, 2, 4, False, Quarantine(64))
-    for e in np.random.default_rng(0).integers(0, 10**6, 200):
-        timeline.order(1, int(e))
-    assert len([k for k in timeline._orders if k[0] == 1]) == KEEP_ORDERS
+    n, world, batch = 64, 2, 4
+    timeline = Timeline(n, 0, world, batch, False, Quarantine(n))
     served = timeline.order(0, 7)
-    for ahead in (8, 9, 10):      # the horizon's lookahead
-        timeline.order(0, ahead)
-    assert timeline.order(0, 7) is served
-    np.testing.assert_array_equal(served, schedule(64, 0, 7, 0, 2, 4))
+    horizon = Horizon(timeline, [0, 1])
+    start = [horizon.time(r, 7, 0) for r in (0, 1)]
+    reads = list(itertools.islice(horizon.references(start), 4 * n))   # epochs 7 to 10
+    assert {e for _, _, e, _, _ in reads} == {7, 8, 9, 10}
+    for t, r, e, p, f in reads:
+        assert f == schedule(n, 0, e, r, world, batch)[p]
+    assert timeline.order(0, 7) is served and sorted(k[1] for k in timeline._orders if k[0] == 0) == [7]
+    for e in np.random.default_rng(0).integers(0, 10**6, 50):
+        timeline.epoch(int(e))
+    assert len(timeline._epochs) == KEEP_EPOCHS
 
 
 def test_two_ranks_get_their_batches_and_hit_about_as_often_as_min():
