@@ -24,6 +24,7 @@ from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import num_batches, permutation, samples_per_rank, schedule
 
 NEVER = 1 << 62   # a reference time after every real one: no use within the horizon
+ORDERS_AHEAD = 4   # schedules kept per rank past the newest one put (the horizon reads a few epochs ahead)
 
 
 @dataclass
@@ -106,11 +107,14 @@ class Timeline:
 
     def put(self, rank: int, epoch: int, order: np.ndarray) -> np.ndarray:
         self._orders[(rank, epoch)] = order
-        # Only the epochs around the newest are kept: a rank that asks for epochs out of order (resumed from a
-        # checkpoint, or hostile) must not make the daemon hold one schedule per epoch it ever named. (The
-        # planner's horizon reads epochs ahead from `epoch(e)`, not from here, so it never evicts the served one.)
-        for old in [k for k in self._orders if k[0] == rank and not epoch - 1 <= k[1] <= epoch + 1]:
-            self._orders.pop(old)
+        # Epochs behind the one put go; so do the farthest ahead beyond a few per rank: a rank that asks for
+        # epochs out of order (resumed from a checkpoint, or hostile) must not make the daemon hold one schedule
+        # per epoch it ever named, while a look-ahead over the next epochs stays cached (the planner's horizon
+        # reads its look-ahead from `epoch(e)`, the permutations, so it never evicts the served schedule).
+        held = sorted(k[1] for k in self._orders if k[0] == rank)
+        ahead = [e for e in held if e > epoch]
+        for e in [e for e in held if e < epoch - 1] + ahead[ORDERS_AHEAD:]:
+            self._orders.pop((rank, e))
         return order
 
     def batch(self, rank: int, epoch: int, batch: int) -> list[int]:

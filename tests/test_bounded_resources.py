@@ -23,7 +23,7 @@ from prefetchd.options import (MAX_BATCH_SIZE, MAX_CACHE_SIZE, MAX_LOCAL_WORLD_S
                                MAX_WORLD_SIZE)
 from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import schedule
-from prefetchd.timeline import Timeline
+from prefetchd.timeline import ORDERS_AHEAD, Timeline
 
 from conftest import wait_until
 from faultproxy import FaultProxy
@@ -191,6 +191,19 @@ def test_every_request_size_is_refused_in_one_line_naming_the_key_while_another_
         other.check()
 
 
+def test_next_and_release_with_any_64_bit_numbers_answer_with_exact_pixels_or_the_epoch_end(daemon, synthetic):
+    d = daemon()
+    source = SourceFields(synthetic.manifest, DEFAULT_CHANNELS)
+    with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"far-{PID}", cache_size=12, **RAW) as stream:
+        for epoch in (2**63 - 1, 2**63 - 2, 10**12, 5, 0):   # any epoch is a seeded permutation: a batch
+            batch = stream.next(epoch, 1)
+            assert [source.identify(f).field for f in batch.images] == batch.ids
+        with pytest.raises(IndexError, match="asked for 9223372036854775807"):
+            stream.next(0, 2**63 - 1)                       # past the epoch's last batch: its end
+        assert stream._conn.request("release", slots=[2**63 - 1, -(2**63), 10**6])["ok"]   # not ours: ignored
+        assert len(stream.next(0, 2).ids) == 4
+
+
 def test_a_rank_naming_epochs_out_of_order_holds_a_bounded_number_of_schedules():
     """A rank's `next` names any epoch (a resumed checkpoint, or a hostile client walking backwards): the daemon
     keeps the schedules around the newest only, not one per epoch ever named (each is O(fields / world_size))."""
@@ -200,7 +213,7 @@ def test_a_rank_naming_epochs_out_of_order_holds_a_bounded_number_of_schedules()
             if not timeline.has(0, e):
                 timeline.put(0, e, timeline.compute(0, e))
     held = [e for e in range(0, 42) if timeline.has(0, e)]
-    assert held == [1, 2], held
+    assert held == list(range(1, 2 + ORDERS_AHEAD)), held   # the newest and the look-ahead the horizon reads
     timeline.put(0, 7, timeline.compute(0, 7))   # and forwards again
     assert [e for e in range(0, 42) if timeline.has(0, e)] == [7], "epochs far from the newest are dropped"
 

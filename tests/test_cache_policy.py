@@ -300,7 +300,7 @@ def test_job_lru_is_not_better_than_belady():
 
 def test_the_horizon_reads_epochs_ahead_without_touching_the_served_schedules_and_stays_bounded():
     """The planner's horizon reads a few epochs ahead from the epoch permutations, not from the ranks' cached
-    schedules (those keep only the epochs around the newest one named, issue #16): reading ahead never evicts
+    schedules (those keep a few epochs around the newest one named, issue #16): reading ahead never evicts
     the schedule being served, and the permutations kept stay a few however many epochs are named."""
     from prefetchd.timeline import KEEP_EPOCHS
 
