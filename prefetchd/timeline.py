@@ -24,6 +24,7 @@ from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import num_batches, permutation, samples_per_rank, schedule
 
 NEVER = 1 << 62   # a reference time after every real one: no use within the horizon
+FAR_EPOCHS = 1 << 16   # epochs past a horizon's origin before the planner builds another (times stay < NEVER)
 ORDERS_AHEAD = 4   # schedules kept per rank past the newest one put (the horizon reads a few epochs ahead)
 
 
@@ -188,9 +189,10 @@ class Horizon:
     uses. Built again when the live ranks or the quarantine change.
     """
 
-    def __init__(self, timeline: Timeline, ranks: Sequence[int]):
+    def __init__(self, timeline: Timeline, ranks: Sequence[int], origin: int = 0):
         self.timeline = timeline
         self.ranks = list(ranks)
+        self.origin = origin        # the epoch at time 0: times stay small whatever epoch a rank names (2**63 - 1)
         self.index = {r: i for i, r in enumerate(self.ranks)}
         self.b = timeline.batch_size
         self.bpe = timeline.batches_per_epoch
@@ -201,7 +203,11 @@ class Horizon:
 
     def time(self, rank: int, epoch: int, position: int) -> int:
         k, o = divmod(position, self.b)
-        return (epoch * self.bpe + k) * self.step_span + self.index[rank] * self.b + o
+        return ((epoch - self.origin) * self.bpe + k) * self.step_span + self.index[rank] * self.b + o
+
+    def far(self, epochs: Sequence[int]) -> bool:
+        """Whether a rank's epoch lies outside this horizon's range of small times (build another from it)."""
+        return any(not 0 <= e - self.origin < FAR_EPOCHS for e in epochs)
 
     def rank_of(self, t: int) -> int:
         """Index (in `ranks`) of the rank that reads at time `t`."""
@@ -211,7 +217,7 @@ class Horizon:
         """(epoch, position) of the read at time `t` (its rank: `rank_of`)."""
         e, rest = divmod(t, self.epoch_span)
         k, rest = divmod(rest, self.step_span)
-        return e, k * self.b + rest % self.b
+        return e + self.origin, k * self.b + rest % self.b
 
     def stale(self) -> bool:
         return len(self.timeline.quarantine) != self.quarantined
@@ -235,7 +241,7 @@ class Horizon:
             slot = np.array([i for _, i in live], dtype=np.int64)[:, None]
             pos = np.arange(tl.length, dtype=np.int64)[None, :]
             index = (pos * w + ranks).ravel()
-            t = ((e * self.bpe + pos // self.b) * self.step_span + slot * self.b + pos % self.b).ravel()
+            t = (((e - self.origin) * self.bpe + pos // self.b) * self.step_span + slot * self.b + pos % self.b).ravel()
             order = np.argsort(index, kind="stable")     # a field's first read is the one of lowest index
             index, t = index[order], t[order]
             fields = perm[index % n]
@@ -255,7 +261,7 @@ class Horizon:
         """The first reference to `f` (or a field it stands in for) after time `t` and not before its rank's
         `basis` time, within `t`'s epoch and the next; `NEVER` if none."""
         fields = self.timeline.stand_ins(f)
-        e = t // self.epoch_span
+        e = t // self.epoch_span + self.origin
         for epoch in (e, e + 1):
             _, times, seconds = self.table(epoch)
             best = NEVER
@@ -277,8 +283,9 @@ class Horizon:
         out = np.full(len(fields), NEVER, dtype=np.int64)
         if not len(fields):
             return out
-        first, last = int(basis_arr.min()) // self.epoch_span, int(basis_arr.max()) // self.epoch_span
-        for e in range(first, last + 2):
+        first = int(basis_arr.min()) // self.epoch_span + self.origin
+        last = int(basis_arr.max()) // self.epoch_span + self.origin
+        for e in self._epochs_between(basis_arr, first, last):
             times, _, seconds = self.table(e)
             t = times[fields]
             ok = (t < NEVER)
@@ -295,9 +302,16 @@ class Horizon:
                     out[i] = self._first_use_of_group(f, basis, first, last)
         return out
 
+    def _epochs_between(self, basis: np.ndarray, first: int, last: int) -> list[int]:
+        """The epochs the ranks' next uses lie in: from the earliest basis to the one after the latest, or, for
+        ranks epochs apart (a client naming far epochs), each rank's epoch and the next."""
+        if last - first <= 4:
+            return list(range(first, last + 2))
+        return sorted({int(b) // self.epoch_span + self.origin + d for b in basis for d in (0, 1)})
+
     def _first_use_of_group(self, f: int, basis: Sequence[int], first: int, last: int) -> int:
         best = NEVER
-        for e in range(first, last + 2):
+        for e in self._epochs_between(np.asarray(basis, dtype=np.int64), first, last):
             _, times, seconds = self.table(e)
             for g in self.timeline.stand_ins(f):
                 for u in (times[g], seconds.get(g, NEVER)):
@@ -317,6 +331,7 @@ class Horizon:
         step = min(start) // self.step_span
         while True:
             e, k = divmod(step, bpe)
+            e += self.origin
             for i, r in enumerate(self.ranks):
                 base = step * self.step_span + i * b
                 lo = max(0, start[i] - base)
