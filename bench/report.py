@@ -375,7 +375,8 @@ def write_markdown(results: dict, path: Path, img_dir: Path) -> None:
               "## Reliability", "",
               "Faults, kills and restarts, judged by the pixels trainers received: [docs/bench/soak.md](docs/bench/soak.md) "
               "(`python -m bench.soak --minutes 10`).", ""]
-    from bench.ceiling import carry_section   # bench.ceiling and bench.scale write their own sections: keep them
+    from bench.ceiling import carry_section   # bench.ceiling, .planning and .scale write their own sections
+    from bench.planning import carry_section as carry_planning
     from bench.scale import carry_section as carry_scale
 
-    path.write_text(carry_scale(path, carry_section(path, "\n".join(lines))))
+    path.write_text(carry_scale(path, carry_planning(path, carry_section(path, "\n".join(lines)))))

@@ -25,6 +25,7 @@ from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import num_batches, permutation, samples_per_rank, schedule
 
 NEVER = 1 << 62   # a reference time after every real one: no use within the horizon
+FAR_EPOCHS = 1 << 16   # epochs past a horizon's origin before the planner builds another (times stay < NEVER)
 ORDERS_AHEAD = 4   # schedules kept per rank past the newest one put (the horizon reads a few epochs ahead)
 
 
@@ -71,6 +72,9 @@ class EpochOrder:
         self.inv[self.perm] = np.arange(n, dtype=np.int64)
 
 
+KEEP_EPOCHS = 6   # permutations kept (`Timeline.epoch`): the epochs served and the planner's horizon ahead
+
+
 class Timeline:
     """The sample order of every rank of one job (`schedule`), with each field's positions and the
     substitutes of quarantined fields applied."""
@@ -107,7 +111,8 @@ class Timeline:
         self._orders[(rank, epoch)] = order
         # Epochs behind the one put go; so do the farthest ahead beyond a few per rank: a rank that asks for
         # epochs out of order (resumed from a checkpoint, or hostile) must not make the daemon hold one schedule
-        # per epoch it ever named, while the horizon's look-ahead over the next epochs stays cached.
+        # per epoch it ever named, while a look-ahead over the next epochs stays cached (the planner's horizon
+        # reads its look-ahead from `epoch(e)`, the permutations, so it never evicts the served schedule).
         held = sorted(k[1] for k in self._orders if k[0] == rank)
         ahead = [e for e in held if e > epoch]
         for e in [e for e in held if e < epoch - 1] + ahead[ORDERS_AHEAD:]:
@@ -122,8 +127,9 @@ class Timeline:
         order = self._epochs.get(e)
         if order is None:
             order = self._epochs[e] = EpochOrder(self.n_fields, self.seed, e)
-            for old in [k for k in self._epochs if not e - 3 <= k <= e + 3]:   # around the newest only
-                del self._epochs[old]
+            if len(self._epochs) > KEEP_EPOCHS:   # the nearest the newest: the horizon's few epochs, bounded
+                for old in sorted(self._epochs, key=lambda k: abs(k - e))[KEEP_EPOCHS:]:
+                    del self._epochs[old]
         return order
 
     def uses(self, f: int, e: int, rank: int | None = None) -> list[tuple[int, int]]:
@@ -192,9 +198,10 @@ class Horizon:
     uses. Built again when the live ranks or the quarantine change.
     """
 
-    def __init__(self, timeline: Timeline, ranks: Sequence[int]):
+    def __init__(self, timeline: Timeline, ranks: Sequence[int], origin: int = 0):
         self.timeline = timeline
         self.ranks = list(ranks)
+        self.origin = origin        # the epoch at time 0: times stay small whatever epoch a rank names (2**63 - 1)
         self.index = {r: i for i, r in enumerate(self.ranks)}
         self.b = timeline.batch_size
         self.bpe = timeline.batches_per_epoch
@@ -205,7 +212,11 @@ class Horizon:
 
     def time(self, rank: int, epoch: int, position: int) -> int:
         k, o = divmod(position, self.b)
-        return (epoch * self.bpe + k) * self.step_span + self.index[rank] * self.b + o
+        return ((epoch - self.origin) * self.bpe + k) * self.step_span + self.index[rank] * self.b + o
+
+    def far(self, epochs: Sequence[int]) -> bool:
+        """Whether a rank's epoch lies outside this horizon's range of small times (build another from it)."""
+        return any(not 0 <= e - self.origin < FAR_EPOCHS for e in epochs)
 
     def rank_of(self, t: int) -> int:
         """Index (in `ranks`) of the rank that reads at time `t`."""
@@ -215,7 +226,7 @@ class Horizon:
         """(epoch, position) of the read at time `t` (its rank: `rank_of`)."""
         e, rest = divmod(t, self.epoch_span)
         k, rest = divmod(rest, self.step_span)
-        return e, k * self.b + rest % self.b
+        return e + self.origin, k * self.b + rest % self.b
 
     def stale(self) -> bool:
         return len(self.timeline.quarantine) != self.quarantined
@@ -229,26 +240,29 @@ class Horizon:
         tl = self.timeline
         n, w = tl.n_fields, tl.world_size
         perm = tl.epoch(e).perm
+        # Only the live ranks' reads: rank r reads permutation index p * w + r at position p (< its schedule's
+        # length), so the cost is what the ranks read, however large the world (10^8 ranks of one field each).
+        live = [(r, i) for r, i in self.index.items() if r < w]
         times = np.full(n, NEVER, dtype=np.int64)
         seconds: dict[int, int] = {}
-        # Only the live ranks' reads: O(live ranks × their positions), never O(world_size) (a job may say
-        # world_size 10^8 over a few fields). Rank r reads permutation index p * w + r at position p; the
-        # padded tail (without drop_last) repeats the head, so a field may be read more than once.
-        pos = np.arange(tl.length, dtype=np.int64)
-        reading = [(r, k) for r, k in self.index.items() if r < w]
-        if reading and tl.length:
-            i = np.concatenate([pos * w + r for r, _ in reading])
-            t = np.concatenate([(e * self.bpe + pos // self.b) * self.step_span + k * self.b + pos % self.b
-                                for _, k in reading])
-            by_index = np.argsort(i, kind="stable")
-            fields, t = perm[i[by_index] % n], t[by_index]
-            firsts, first_at = np.unique(fields, return_index=True)
-            times[firsts] = t[first_at]
-            lasts, last_at = np.unique(fields[::-1], return_index=True)
-            again = t[len(t) - 1 - last_at] != times[lasts]
-            seconds = dict(zip(lasts[again].tolist(), t[len(t) - 1 - last_at][again].tolist()))
+        if live and tl.length:
+            ranks = np.array([r for r, _ in live], dtype=np.int64)[:, None]
+            slot = np.array([i for _, i in live], dtype=np.int64)[:, None]
+            pos = np.arange(tl.length, dtype=np.int64)[None, :]
+            index = (pos * w + ranks).ravel()
+            t = (((e - self.origin) * self.bpe + pos // self.b) * self.step_span + slot * self.b + pos % self.b).ravel()
+            order = np.argsort(index, kind="stable")     # a field's first read is the one of lowest index
+            index, t = index[order], t[order]
+            fields = perm[index % n]
+            _, first = np.unique(fields, return_index=True)
+            times[fields[first]] = t[first]
+            if len(first) < len(fields):                 # the padded tail (without drop_last) repeats the head
+                again = np.ones(len(fields), dtype=bool)
+                again[first] = False
+                for f, tf in zip(fields[again].tolist(), t[again].tolist()):
+                    seconds[f] = tf
         tab = self._tables[e] = (times, array.array("q", times.tobytes()), seconds)
-        for old in [k for k in self._tables if not e - 2 <= k <= e + 2]:   # any epoch a rank names: a few kept
+        for old in [k for k in self._tables if k < e - 2]:
             del self._tables[old]
         return tab
 
@@ -256,7 +270,7 @@ class Horizon:
         """The first reference to `f` (or a field it stands in for) after time `t` and not before its rank's
         `basis` time, within `t`'s epoch and the next; `NEVER` if none."""
         fields = self.timeline.stand_ins(f)
-        e = t // self.epoch_span
+        e = t // self.epoch_span + self.origin
         for epoch in (e, e + 1):
             _, times, seconds = self.table(epoch)
             best = NEVER
@@ -278,8 +292,9 @@ class Horizon:
         out = np.full(len(fields), NEVER, dtype=np.int64)
         if not len(fields):
             return out
-        first, last = int(basis_arr.min()) // self.epoch_span, int(basis_arr.max()) // self.epoch_span
-        for e in range(first, last + 2):
+        first = int(basis_arr.min()) // self.epoch_span + self.origin
+        last = int(basis_arr.max()) // self.epoch_span + self.origin
+        for e in self._epochs_between(basis_arr, first, last):
             times, _, seconds = self.table(e)
             t = times[fields]
             ok = (t < NEVER)
@@ -296,9 +311,16 @@ class Horizon:
                     out[i] = self._first_use_of_group(f, basis, first, last)
         return out
 
+    def _epochs_between(self, basis: np.ndarray, first: int, last: int) -> list[int]:
+        """The epochs the ranks' next uses lie in: from the earliest basis to the one after the latest, or, for
+        ranks epochs apart (a client naming far epochs), each rank's epoch and the next."""
+        if last - first <= 4:
+            return list(range(first, last + 2))
+        return sorted({int(b) // self.epoch_span + self.origin + d for b in basis for d in (0, 1)})
+
     def _first_use_of_group(self, f: int, basis: Sequence[int], first: int, last: int) -> int:
         best = NEVER
-        for e in range(first, last + 2):
+        for e in self._epochs_between(np.asarray(basis, dtype=np.int64), first, last):
             _, times, seconds = self.table(e)
             for g in self.timeline.stand_ins(f):
                 for u in (times[g], seconds.get(g, NEVER)):
@@ -318,13 +340,15 @@ class Horizon:
         step = min(start) // self.step_span
         while True:
             e, k = divmod(step, bpe)
+            e += self.origin
             for i, r in enumerate(self.ranks):
                 base = step * self.step_span + i * b
                 lo = max(0, start[i] - base)
                 hi = min(b, length - k * b)
                 if lo >= hi:
                     continue
-                fields = tl.order(r, e)[k * b + lo : k * b + hi].tolist()
+                reads = np.arange(k * b + lo, k * b + hi, dtype=np.int64) * tl.world_size + r
+                fields = tl.epoch(e).perm[reads % tl.n_fields].tolist()   # = tl.order(r, e)[k*b+lo : k*b+hi]
                 if len(tl.quarantine):
                     fields = [tl.substitute(f) for f in fields]
                 yield base + lo, r, e, k * b + lo, fields

@@ -301,6 +301,43 @@ def test_job_lru_is_not_better_than_belady():
     assert hits["lru"] <= hits["belady"]
 
 
+def test_the_horizon_reads_epochs_ahead_without_touching_the_served_schedules_and_stays_bounded():
+    """The planner's horizon reads a few epochs ahead from the epoch permutations, not from the ranks' cached
+    schedules (those keep a few epochs around the newest one named, issue #16): reading ahead never evicts
+    the schedule being served, and the permutations kept stay a few however many epochs are named."""
+    from prefetchd.timeline import KEEP_EPOCHS
+
+    n, world, batch = 64, 2, 4
+    timeline = Timeline(n, 0, world, batch, False, Quarantine(n))
+    served = timeline.order(0, 7)
+    horizon = Horizon(timeline, [0, 1])
+    start = [horizon.time(r, 7, 0) for r in (0, 1)]
+    reads = list(itertools.islice(horizon.references(start), 4 * n))   # epochs 7 to 10
+    assert {e for _, _, e, _, _ in reads} == {7, 8, 9, 10}
+    for t, r, e, p, f in reads:
+        assert f == schedule(n, 0, e, r, world, batch)[p]
+    assert timeline.order(0, 7) is served and sorted(k[1] for k in timeline._orders if k[0] == 0) == [7]
+    for e in np.random.default_rng(0).integers(0, 10**6, 50):
+        timeline.epoch(int(e))
+    assert len(timeline._epochs) == KEEP_EPOCHS
+
+
+def test_a_horizon_at_epoch_2_63_counts_time_from_its_origin():
+    """Any 64-bit epoch is a seeded permutation (issue #16): the horizon's times start at its origin epoch, so
+    they stay far below NEVER and int64 however far the epoch, and a rank moving far away asks for a new one."""
+    n, world, batch = 24, 2, 4
+    far = 2**63 - 2
+    timeline = Timeline(n, 0, world, batch, False, Quarantine(n))
+    horizon = Horizon(timeline, [0, 1], origin=far)
+    start = [horizon.time(r, far, 4) for r in (0, 1)]
+    assert max(start) < 2 * horizon.epoch_span
+    for t, r, e, p, f in itertools.islice(horizon.references(start), 2 * n):
+        assert f == schedule(n, 0, e, r, world, batch)[p] and horizon.position_of(t) == (e, p) and t < NEVER
+    uses = horizon.next_uses(np.arange(n, dtype=np.int64), start)
+    assert (uses < NEVER).all() and (uses >= min(start)).all()
+    assert not horizon.far([far, far + 1]) and horizon.far([0]) and horizon.far([far - 1])
+
+
 def test_two_ranks_get_their_batches_and_hit_about_as_often_as_min():
     n, cache_size, batch, epochs, world = 64, 24, 4, 3, 2
     job, status, served = asyncio.run(run_job(n, cache_size, batch, epochs, "belady", world=world))

@@ -65,6 +65,47 @@ def test_illum_correct_rounds_and_clips():
     assert illum_correct(img, illum).dtype == np.uint16
 
 
+def numpy_illum(image: np.ndarray, illum: np.ndarray) -> np.ndarray:
+    """The definition: float32 `orig / illum`, round half to even, clip, uint16."""
+    q = image.astype(np.float32) / illum.astype(np.float32)
+    return np.clip(np.rint(q), 0, 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("shape", [(1080, 1080), (7, 13), (1, 5), (33, 1)])
+def test_the_native_illumination_pass_equals_the_numpy_definition(shape):
+    """One native pass (SSE2, 8 pixels at a time, a scalar tail) instead of numpy's five: every pixel the same,
+    halves rounded to even, quotients past 65535 clipped, rows of a wider illumination array (a view) too."""
+    assert C.native_available()
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 65536, shape, dtype=np.uint16)
+    illum = (rng.random(shape) * 2 + 1e-3).astype(np.float32)
+    np.testing.assert_array_equal(C.illum_divide(img, illum), numpy_illum(img, illum))
+    ramp = (np.arange(img.size) % 65536).astype(np.uint16).reshape(shape)
+    for value in (2.0, 4.0, 0.5, 0.25, 0.999, 3.0, 1e-30, 3e38):    # exact halves, overflow, underflow
+        flat = np.full(shape, value, np.float32)
+        np.testing.assert_array_equal(C.illum_divide(ramp, flat), numpy_illum(ramp, flat), err_msg=str(value))
+    wide = (rng.random((shape[0], shape[1] + 9)) + 0.5).astype(np.float32)[:, 3 : 3 + shape[1]]
+    np.testing.assert_array_equal(C.illum_divide(img, wide), numpy_illum(img, wide))
+
+
+def test_the_native_rescale_table_equals_percentiles_then_lut():
+    """`rescale_table` (one native pass over the histogram) is `percentiles_from_hist` + `rescale_lut` bit for
+    bit: random, skewed, flat (span < 1) and narrow channels, default and odd percentiles."""
+    assert C.native_available()
+    rng = np.random.default_rng(11)
+    for trial in range(100):
+        shape = (int(rng.integers(1, 200)), int(rng.integers(1, 200)))
+        img = [rng.integers(0, 65536, shape), rng.gamma(2, 300, shape), np.full(shape, int(rng.integers(0, 65536))),
+               rng.integers(100, 103, shape), (rng.random(shape) ** 8) * 65535][trial % 5].astype(np.uint16)
+        hist = C.histogram_u16(img)
+        for low, high in [(0.1, 99.9), (0.0, 100.0), (float(rng.random() * 50), float(50 + rng.random() * 50))]:
+            expected = C.rescale_lut(*C.percentiles_from_hist(hist, (low, high)))
+            np.testing.assert_array_equal(C.rescale_table(hist, low, high), expected, err_msg=f"{trial} {low} {high}")
+    hist = np.zeros(65536, np.int64)
+    corrected = C.illum_divide(img, np.full(img.shape, 0.7, np.float32), hist=hist)   # the histogram in passing
+    np.testing.assert_array_equal(hist, C.histogram_u16(corrected))
+
+
 def test_rescale_percentiles_match_numpy():
     rng = np.random.default_rng(5)
     for img in [rng.integers(100, 7000, (301, 257)).astype(np.uint16), rng.gamma(2, 300, (64, 64)).astype(np.uint16)]:

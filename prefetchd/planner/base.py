@@ -94,8 +94,10 @@ class Planner:
             self._zone.clear()
             self._zone_count.clear()
         live_now = [r.rank for r in live(self.ranks.values())]
-        if self._horizon is None or self._horizon.ranks != sorted(live_now) or self._horizon.stale():
-            self._horizon = Horizon(self.timeline, sorted(live_now))
+        epochs = [self.ranks[r].epoch for r in live_now]
+        if self._horizon is None or self._horizon.ranks != sorted(live_now) or self._horizon.stale() or \
+                self._horizon.far(epochs):
+            self._horizon = Horizon(self.timeline, sorted(live_now), origin=min(epochs, default=0))
             restructure = True
         depth = self.depths()[0]
         rezone = depth > self._zone_depth or depth < 0.75 * self._zone_depth   # the rate moved: redo every zone
@@ -146,7 +148,7 @@ class Planner:
 
     @property
     def horizon(self) -> Horizon:
-        if self._horizon is None:
+        if self._horizon is None or self._horizon.far([r.epoch for r in live(self.ranks.values())]):
             self._sync()
         return self._horizon
 

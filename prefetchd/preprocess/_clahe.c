@@ -58,7 +58,7 @@ static inline uint16_t sat_u16(float x) {
 #endif
 
 /* bumped when an exported signature changes; clahe.py checks it (NATIVE_ABI) */
-EXPORT int prefetchd_clahe_abi(void) { return 2; }
+EXPORT int prefetchd_clahe_abi(void) { return 3; }
 
 #define CHUNK 256
 
@@ -906,6 +906,81 @@ EXPORT void prefetchd_lut_u16(const uint16_t *src, ptrdiff_t sstride, uint16_t *
         const uint16_t *s = src + (ptrdiff_t)y * sstride;
         uint16_t *d = dst + (ptrdiff_t)y * dstride;
         for (int x = 0; x < W; ++x) d[x] = lut[s[x]];
+    }
+}
+
+/* Illumination correction of rows y0..y1: dst = clip(rint(float(src) / illum), 0, 65535), numpy's float32
+ * arithmetic (IEEE division, round half to even) in one pass instead of five. The quotient is >= 0 (illumination
+ * functions are checked > 0 and finite when loaded), so clipping before rounding is the same, and adding then
+ * subtracting 2^23 rounds a value below 2^23 half to even (default rounding mode, fp-contract off). SSE2 by
+ * hand: GCC does not vectorise the scalar loop (the division may trap). */
+static inline uint16_t illum_one(uint16_t s, float il) {
+    float q = (float)s / il;
+    q = q < 65535.0f ? q : 65535.0f;
+    return (uint16_t)(int)((q + 8388608.0f) - 8388608.0f);
+}
+
+static void illum_row(const uint16_t *restrict s, const float *restrict il, uint16_t *restrict d, int W,
+                      int64_t *restrict hist) {
+    int x = 0;
+#if defined(__SSE2__)
+    const __m128 top = _mm_set1_ps(65535.0f), magic = _mm_set1_ps(8388608.0f);
+    const __m128i zero = _mm_setzero_si128(), bias = _mm_set1_epi32(32768), flip = _mm_set1_epi16((short)0x8000);
+    for (; x + 8 <= W; x += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + x));
+        __m128 lo = _mm_cvtepi32_ps(_mm_unpacklo_epi16(v, zero));
+        __m128 hi = _mm_cvtepi32_ps(_mm_unpackhi_epi16(v, zero));
+        lo = _mm_min_ps(_mm_div_ps(lo, _mm_loadu_ps(il + x)), top);
+        hi = _mm_min_ps(_mm_div_ps(hi, _mm_loadu_ps(il + x + 4)), top);
+        lo = _mm_sub_ps(_mm_add_ps(lo, magic), magic);
+        hi = _mm_sub_ps(_mm_add_ps(hi, magic), magic);
+        __m128i a = _mm_sub_epi32(_mm_cvttps_epi32(lo), bias), b = _mm_sub_epi32(_mm_cvttps_epi32(hi), bias);
+        _mm_storeu_si128((__m128i *)(d + x), _mm_xor_si128(_mm_packs_epi32(a, b), flip));
+    }
+#endif
+    for (; x < W; ++x) d[x] = illum_one(s[x], il[x]);
+    if (hist)
+        for (x = 0; x < W; ++x) hist[d[x]]++;
+}
+
+/* hist (may be NULL): the 65,536-bin histogram of the result, accumulated while its rows are in cache (what
+ * the robust rescale reads next). */
+EXPORT void prefetchd_illum_u16(const uint16_t *src, ptrdiff_t sstride, const float *illum, ptrdiff_t istride,
+                                uint16_t *dst, ptrdiff_t dstride, int y0, int y1, int W, int64_t *hist) {
+    for (int y = y0; y < y1; ++y)
+        illum_row(src + (ptrdiff_t)y * sstride, illum + (ptrdiff_t)y * istride, dst + (ptrdiff_t)y * dstride, W,
+                  hist);
+}
+
+/* The robust rescale's table from a channel's 65,536-bin histogram, bit for bit what clahe.py's
+ * percentiles_from_hist + rescale_lut compute (float64 percentiles with numpy's 'linear' definition, then the
+ * float32 map of [lo, hi] to [0, 65535], rounded half to even, clipped); bounds gets (lo, hi). */
+EXPORT void prefetchd_rescale_table(const int64_t *hist, double low, double high, uint16_t *lut, double *bounds) {
+    int64_t n = 0;
+    for (int i = 0; i < 65536; ++i) n += hist[i];
+    double q[2] = {low, high};
+    for (int j = 0; j < 2; ++j) {
+        if (n == 0) { bounds[j] = 0.0; continue; }
+        double rank = q[j] / 100.0 * (double)(n - 1);
+        int64_t k0 = (int64_t)floor(rank);
+        double frac = rank - (double)k0;
+        int64_t k1 = k0 + 1 < n - 1 ? k0 + 1 : n - 1;
+        int64_t c = 0, v0 = -1, v1 = -1;      /* first bins whose cumulative count exceeds k0, k1 */
+        for (int i = 0; i < 65536 && v1 < 0; ++i) {
+            c += hist[i];
+            if (v0 < 0 && c > k0) v0 = i;
+            if (c > k1) v1 = i;
+        }
+        bounds[j] = (double)v0 + frac * (double)(v1 - v0);
+    }
+    double span64 = bounds[1] - bounds[0];
+    float span = (float)(span64 >= 1.0 ? span64 : 1.0);
+    float lo = (float)bounds[0], scale = 65535.0f / span;
+    for (int v = 0; v < 65536; ++v) {
+        float r = ((float)v - lo) * scale;
+        r = r > 0.0f ? r : 0.0f;
+        r = r < 65535.0f ? r : 65535.0f;
+        lut[v] = (uint16_t)(int)((r + 8388608.0f) - 8388608.0f);
     }
 }
 

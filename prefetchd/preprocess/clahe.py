@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 MAX_BINS = 65536
-NATIVE_ABI = 2       # prefetchd_clahe_abi() of the matching _clahe.c (function signatures)
+NATIVE_ABI = 3       # prefetchd_clahe_abi() of the matching _clahe.c (function signatures)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -221,6 +221,10 @@ def bind_native(path: str) -> ctypes.CDLL:
     lib.prefetchd_clahe_interp.restype = I
     lib.prefetchd_lut_u16.argtypes = [P, S, P, S, I, I, I, P]
     lib.prefetchd_lut_u16.restype = None
+    lib.prefetchd_illum_u16.argtypes = [P, S, P, S, P, S, I, I, I, P]
+    lib.prefetchd_illum_u16.restype = None
+    lib.prefetchd_rescale_table.argtypes = [P, ctypes.c_double, ctypes.c_double, P, P]
+    lib.prefetchd_rescale_table.restype = None
     lib.prefetchd_hist_u16.argtypes = [P, S, I, I, I, P]
     lib.prefetchd_hist_u16.restype = None
     lib.prefetchd_clahe_tile_minmax.argtypes = [P, S, I, I, I, I, I, P, P]
@@ -390,6 +394,35 @@ def _clahe_u16_native(lib, src: np.ndarray, padded: np.ndarray, target: np.ndarr
 
 # ----------------------------------------------------------------------------------------------- rescale
 
+def illum_divide(image: np.ndarray, illum: np.ndarray, out: np.ndarray | None = None,
+                 hist: np.ndarray | None = None) -> np.ndarray:
+    """`image / illum` in float32, rounded half to even and clipped to uint16 (`illum` > 0 and finite, as
+    `decode.decode_npy` checks): one native pass, or numpy's five. `hist` (int64 [65536]): the result's
+    histogram is added to it (what `rescale` reads next), in the same pass."""
+    if out is None:
+        out = np.empty(image.shape, np.uint16)
+    lib = _load_native()
+    if (lib is not None and image.ndim == 2 and image.dtype == np.uint16 and illum.dtype == np.float32
+            and illum.shape == image.shape and out.shape == image.shape and out.dtype == np.uint16
+            and _rows_ok(image) and _rows_ok(out) and illum.strides[1] == 4 and illum.strides[0] % 4 == 0
+            and (hist is None or _hist_ok(hist))):
+        lib.prefetchd_illum_u16(image.ctypes.data, image.strides[0] // 2, illum.ctypes.data, illum.strides[0] // 4,
+                                out.ctypes.data, out.strides[0] // 2, 0, image.shape[0], image.shape[1],
+                                None if hist is None else hist.ctypes.data)
+        return out
+    corrected = image.astype(np.float32) / illum.astype(np.float32, copy=False)
+    np.rint(corrected, out=corrected)
+    np.clip(corrected, 0, 65535, out=corrected)
+    out[...] = corrected
+    if hist is not None:
+        hist += histogram_u16(out)
+    return out
+
+
+def _hist_ok(hist: np.ndarray) -> bool:
+    return hist.dtype == np.int64 and hist.shape == (65536,) and hist.flags.c_contiguous and hist.flags.writeable
+
+
 def histogram_u16(image: np.ndarray) -> np.ndarray:
     """65,536-bin histogram (int64) of a uint16 image."""
     lib = _load_native()
@@ -429,12 +462,25 @@ def rescale_lut(lo: float, hi: float) -> np.ndarray:
     return r.astype(np.uint16)
 
 
-def rescale(image: np.ndarray, low: float = 0.1, high: float = 99.9, out: np.ndarray | None = None) -> np.ndarray:
-    """Map the channel's [low, high] percentiles to [0, 65535] (float32, round, clip)."""
+def rescale_table(hist: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The rescale's uint16 table from a channel's histogram: `rescale_lut` of its [low, high] percentiles
+    (one native pass over the 65,536 bins, bit for bit the same)."""
+    lib = _load_native()
+    if lib is None or not _hist_ok(hist):
+        return rescale_lut(*percentiles_from_hist(hist, (low, high)))
+    lut = np.empty(65536, np.uint16)
+    bounds = np.empty(2, np.float64)
+    lib.prefetchd_rescale_table(hist.ctypes.data, float(low), float(high), lut.ctypes.data, bounds.ctypes.data)
+    return lut
+
+
+def rescale(image: np.ndarray, low: float = 0.1, high: float = 99.9, out: np.ndarray | None = None,
+            hist: np.ndarray | None = None) -> np.ndarray:
+    """Map the channel's [low, high] percentiles to [0, 65535] (float32, round, clip). `hist`: the image's
+    histogram when the caller has it already (`illum_divide` makes it in passing)."""
     if image.dtype != np.uint16:
         raise ValueError(f"rescale needs a uint16 image, got {image.dtype}")
-    lo, hi = percentiles_from_hist(histogram_u16(image), (low, high))
-    lut = rescale_lut(lo, hi)
+    lut = rescale_table(histogram_u16(image) if hist is None else hist, low, high)
     if out is None:
         out = np.empty(image.shape, np.uint16)
     lib = _load_native()

@@ -16,6 +16,7 @@ import numpy as np
 from prefetchd.errors import ConfigError
 from prefetchd.preprocess.clahe import check_params
 from prefetchd.preprocess.clahe import clahe as _clahe_cpu
+from prefetchd.preprocess.clahe import illum_divide as _illum_divide
 from prefetchd.preprocess.clahe import rescale as _rescale
 
 WHERE = ("daemon", "trainer")
@@ -142,12 +143,9 @@ class Preprocessing:
         }
 
 
-def illum_correct(image: np.ndarray, illum: np.ndarray) -> np.ndarray:
-    """`orig / illum` in float32, rounded (half to even) and clipped to uint16."""
-    corrected = image.astype(np.float32) / illum.astype(np.float32, copy=False)
-    np.rint(corrected, out=corrected)
-    np.clip(corrected, 0, 65535, out=corrected)
-    return corrected.astype(np.uint16)
+def illum_correct(image: np.ndarray, illum: np.ndarray, hist: np.ndarray | None = None) -> np.ndarray:
+    """`orig / illum` in float32, rounded (half to even) and clipped to uint16; `hist` gets its histogram."""
+    return _illum_divide(image, illum, hist=hist)
 
 
 def apply_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessing, out: np.ndarray,
@@ -157,14 +155,16 @@ def apply_channel(image: np.ndarray, illum: np.ndarray | None, opts: Preprocessi
     `threads` > 1 splits the CLAHE over that many threads (same pixels); the daemon's decode pool already
     runs one channel per thread, so it keeps the default 1.
     """
+    hist = None
     if opts.illum and illum is not None:
-        image = illum_correct(image, illum)
+        hist = np.zeros(65536, np.int64) if opts.rescale is not None else None   # the rescale's, in passing
+        image = illum_correct(image, illum, hist)
     cl = opts.daemon_clahe
     if opts.rescale is not None:
         target = np.empty(image.shape, np.uint16) if cl is not None else out
         if target.dtype != np.uint16:
             target = np.empty(image.shape, np.uint16)
-        image = _rescale(image, opts.rescale.low, opts.rescale.high, out=target)
+        image = _rescale(image, opts.rescale.low, opts.rescale.high, out=target, hist=hist)
     if cl is not None:
         if out.dtype == np.uint16 and out.shape == image.shape:
             _clahe_cpu(image, cl.clip_limit, cl.tile_grid, cl.bins, out=out, threads=threads)
