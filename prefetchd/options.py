@@ -23,6 +23,8 @@ MAX_LOCAL_WORLD_SIZE = 1024       # ranks of one job on this node
 MAX_BATCH_SIZE = 1 << 16          # fields per batch per rank
 MAX_CACHE_SIZE = (1 << 31) - 1    # slots; the shared-memory budget (checked before allocating) binds far earlier
 MAX_PREFETCH_FACTOR = 1024        # batches ahead per rank
+MAX_EPOCH = 1 << 14               # the epoch a `next` names: the planner's reference times (epoch × reads per
+                                  # epoch) stay inside int64, and a jump far ahead costs the planner little
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from prefetchd.job import EpochEnd, Job
 from prefetchd.jobs import Jobs, job_spec_for
 from prefetchd.listen import ControlSocket
 from prefetchd.notify import sd_notify, watchdog_interval_s
-from prefetchd.options import check_attach_sizes
+from prefetchd.options import MAX_EPOCH, check_attach_sizes
 from prefetchd.peercred import PeerPolicy, peer_credentials
 from prefetchd.protocol import (MAX_LINE, attach_reply, batch_reply, decode_request, encode, end_of_epoch_reply,
                                 error_reply, internal_error_reply, ok_reply)
@@ -314,6 +314,8 @@ class Server:
         job = self._attached(conn)
         if epoch < 0 or batch < 0:
             raise ProtocolError(f"epoch and batch must be >= 0, got epoch={epoch}, batch={batch}")
+        if epoch > MAX_EPOCH:
+            raise ProtocolError(f"epoch must be an integer >= 0 and <= {MAX_EPOCH}, got {epoch}")
         served = await job.next_batch(conn.rank, epoch, batch)
         if isinstance(served, EpochEnd):
             return end_of_epoch_reply(epoch=served.epoch, batches=served.batches)

@@ -13,6 +13,7 @@ positions count for its substitute, which is served there.
 from __future__ import annotations
 
 import array
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -131,11 +132,19 @@ class Timeline:
                     del self._epochs[old]
         return order
 
-    def uses(self, f: int, e: int) -> list[tuple[int, int]]:
-        """(rank, position) of every read of field `f` itself in epoch `e` (two when padding repeats it)."""
-        out = []
+    def uses(self, f: int, e: int, rank: int | None = None) -> list[tuple[int, int]]:
+        """(rank, position) of every read of field `f` itself in epoch `e` (two when padding repeats it); with
+        `rank`, that rank's only, solved from the inverse in O(its reads): never O(world_size / fields)."""
         n, w = self.n_fields, self.world_size
         i = int(self.epoch(e).inv[f])
+        if rank is not None:   # positions p < length with (p * w + rank) % n == i: a linear congruence
+            g = math.gcd(w, n)
+            if (i - rank) % g:
+                return []
+            m = n // g
+            first = (i - rank) // g * pow(w // g, -1, m) % m
+            return [(rank, p) for p in range(first, self.length, m)]
+        out = []
         while i < self.per_rank * w:
             p = i // w
             if p < self.length:

@@ -19,8 +19,8 @@ from prefetchd.channels import DEFAULT_CHANNELS
 from prefetchd.client import attach
 from prefetchd.control import request
 from prefetchd.errors import PrefetchdError
-from prefetchd.options import (MAX_BATCH_SIZE, MAX_CACHE_SIZE, MAX_LOCAL_WORLD_SIZE, MAX_PREFETCH_FACTOR,
-                               MAX_WORLD_SIZE)
+from prefetchd.options import (MAX_BATCH_SIZE, MAX_CACHE_SIZE, MAX_EPOCH, MAX_LOCAL_WORLD_SIZE,
+                               MAX_PREFETCH_FACTOR, MAX_WORLD_SIZE)
 from prefetchd.quarantine import Quarantine
 from prefetchd.schedule import schedule
 from prefetchd.timeline import ORDERS_AHEAD, Timeline
@@ -195,9 +195,13 @@ def test_next_and_release_with_any_64_bit_numbers_answer_with_exact_pixels_or_th
     d = daemon()
     source = SourceFields(synthetic.manifest, DEFAULT_CHANNELS)
     with attach(synthetic.dataset, batch_size=4, socket=d.socket, job=f"far-{PID}", cache_size=12, **RAW) as stream:
-        for epoch in (2**63 - 1, 2**63 - 2, 10**12, 5, 0):   # any epoch is a seeded permutation: a batch
+        for epoch in (MAX_EPOCH, MAX_EPOCH - 1, 1000, 5, 0):   # any epoch is a seeded permutation: a batch
             batch = stream.next(epoch, 1)
             assert [source.identify(f).field for f in batch.images] == batch.ids
+        for epoch in (MAX_EPOCH + 1, 2**63 - 1):   # beyond any training run: one line, and the stream goes on
+            with pytest.raises(PrefetchdError) as info:
+                stream.next(epoch, 0)
+            assert str(info.value) == f"epoch must be an integer >= 0 and <= {MAX_EPOCH}, got {epoch}"
         with pytest.raises(IndexError, match="asked for 9223372036854775807"):
             stream.next(0, 2**63 - 1)                       # past the epoch's last batch: its end
         assert stream._conn.request("release", slots=[2**63 - 1, -(2**63), 10**6])["ok"]   # not ours: ignored

@@ -50,7 +50,8 @@ def min_misses(n: int, cache: int, epochs: int, batch: int, seed: int = 0) -> li
 
 
 @pytest.mark.parametrize("n,world,batch,drop_last", [(10, 1, 3, False), (10, 3, 2, False), (11, 4, 2, True),
-                                                      (9, 4, 4, False)])
+                                                      (9, 4, 4, False), (6, 4, 2, False), (4, 10, 2, False),
+                                                      (12, 8, 3, True)])
 def test_uses_are_the_schedules_positions(n, world, batch, drop_last):
     timeline = Timeline(n, 3, world, batch, drop_last, Quarantine(n))
     for e in (0, 1):
@@ -58,6 +59,8 @@ def test_uses_are_the_schedules_positions(n, world, batch, drop_last):
         for f in range(n):
             expected = sorted((r, p) for r in range(world) for p, g in enumerate(orders[r]) if g == f)
             assert sorted(timeline.uses(f, e)) == expected
+            for r in range(world):   # one rank's, solved directly (what the lru planner asks)
+                assert sorted(timeline.uses(f, e, r)) == [(q, p) for q, p in expected if q == r]
             assert all(timeline.order(r, e)[p] == f for r, p in expected)
 
 

@@ -45,8 +45,8 @@ class LruPlanner(Planner):
             here = st.epoch * length + st.position
             for g in tl.stand_ins(f):
                 for e in range(st.epoch, scan // length + 1):
-                    for rank, p in tl.uses(g, e):
-                        if rank == r and here <= e * length + p < scan:
+                    for _, p in tl.uses(g, e, r):
+                        if here <= e * length + p < scan:
                             scan = e * length + p
             self._scan[r] = scan
 
