@@ -4,7 +4,10 @@ Each GET runs on a thread of the transport's pool (`GetTransport.pool`) over a k
 small pool; the event loop only hands a whole field to a thread and gets one answer back (`receive.py`). The
 body is read with `recv_into`, so the kernel copies it once, into the caller's buffer: an arena slot's plane
 when the pixels need no preprocessing, else a reused buffer that decoding reads in place. SO_RCVLOWAT makes
-one wake-up move hundreds of KB. Reading releases the GIL; what holds it is ~30 µs of request and head
+the kernel gather up to a whole body (`LOWAT`) before it wakes the reader: one wake-up per body instead of one
+per few hundred KB (`python -m bench.ceiling`: a fifth of the daemon's CPU per raw field). `s3.read_timeout_s`
+still bounds a stall, not a slow body: a read that times out with bytes waiting in the kernel goes on reading
+what comes. Reading releases the GIL; what holds it is ~30 µs of request and head
 handling per GET. `python -m bench.ceiling` measures this transport against obstore and aiohttp.
 
 The HTTP here is the subset an S3 GET needs: one `GET` with `Host`, a status line and headers, a
@@ -30,9 +33,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import fcntl
 import hashlib
 import socket
 import ssl
+import struct
+import termios
 import threading
 import urllib.request
 from concurrent.futures import Executor
@@ -42,7 +48,8 @@ from urllib.parse import unquote, urlsplit
 from prefetchd.http_get import Fetched, client_error, object_url_template, quote_key, ssl_context
 from prefetchd.obstore_get import CertificateNotTrusted
 
-LOWAT = 256 << 10        # bytes the kernel gathers before it wakes a reader (SO_RCVLOWAT)
+LOWAT = 4 << 20          # bytes the kernel gathers before it wakes a reader (SO_RCVLOWAT; it caps this at half
+                         # of net.ipv4.tcp_rmem's maximum and grows the receive buffer to fit)
 # Over TLS up to one record of what is still to come may already sit in OpenSSL's buffer, so the kernel may never
 # hold as many bytes as remain to be read: a low-water mark that high would wait for the read timeout.
 TLS_SLACK = 16384 + 1024
@@ -211,6 +218,10 @@ class Connection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
             self.lowat = n
 
+    def queued(self) -> int:
+        """Bytes received by the kernel and not read yet."""
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
 
 class Body:
     """A response body being read: `readinto` fills a buffer exactly (or raises), hashing what passes when asked."""
@@ -222,6 +233,7 @@ class Body:
         self.prefix = response.prefix
         self.md5 = hashlib.md5() if md5 else None
         self.abort = abort
+        self.gather = LOWAT      # bytes to let the kernel gather per wake-up; 1 once the body proved slow
 
     def readinto(self, buffer) -> None:
         view = memoryview(buffer).cast("B")
@@ -230,11 +242,18 @@ class Body:
         if got:
             view[:got] = self.prefix[:got]
             self.prefix = self.prefix[got:]
-        sock = self.conn.sock
+        conn = self.conn
+        sock = conn.sock
         while got < n:
             self.abort.check()
-            self.conn.set_lowat(max(1, min(LOWAT, n - got - self.conn.slack)))
-            k = sock.recv_into(view[got:], n - got)
+            conn.set_lowat(max(1, min(self.gather, n - got - conn.slack)))
+            try:
+                k = sock.recv_into(view[got:], n - got)
+            except socket.timeout:
+                if conn.lowat > 1 and conn.queued() > 0:    # slow, not stalled: take what comes from here on
+                    self.gather = 1
+                    continue
+                raise
             if not k:
                 raise ConnectionError(f"the body ended after {self.done + got} of {self.size} bytes (IncompleteBody)")
             got += k

@@ -8,7 +8,8 @@
 
 Modes: 503 (SlowDown), 500 (InternalError), 403 (AccessDenied), 404 (NoSuchKey), reset (RST after half
 the body), truncate (Content-Length announced, half the body, then FIN), stall (half the body then
-silence for `stall_s`), corrupt (same length, bytes flipped in the middle of the body).
+silence for `stall_s`), corrupt (same length, bytes flipped in the middle of the body), trickle (the whole
+answer, `chunk` bytes every `interval_s`: slow but never silent for long).
 Rules apply to GETs of object keys (never LIST/HEAD) whose path contains `match`; the first rule that
 fires wins. Every request and the fault it got are recorded in `proxy.log`.
 """
@@ -23,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-MODES = ("503", "500", "403", "404", "301", "reset", "truncate", "stall", "corrupt")
+MODES = ("503", "500", "403", "404", "301", "reset", "truncate", "stall", "corrupt", "trickle")
 _ERRORS = {
     "503": (b"503 Slow Down", b"SlowDown", b"Please reduce your request rate."),
     "500": (b"500 Internal Server Error", b"InternalError", b"We encountered an internal error. Please try again."),
@@ -42,6 +43,8 @@ class Rule:
     first_n: int | None = None      # fire on the first N matching requests, then never
     probability: float = 1.0        # else fire with this probability
     stall_s: float = 30.0
+    chunk: int = 32768              # trickle: bytes per write
+    interval_s: float = 0.1         # trickle: pause between writes
     strip_checksums: bool = False   # corrupt: also drop x-amz-checksum-* (objects uploaded without them)
     fired: int = 0
     seen: int = 0
@@ -182,6 +185,14 @@ class FaultProxy:
                     await writer.drain()
                     continue
                 half = len(resp_body) // 2
+                if rule.mode == "trickle":
+                    whole = _response(status, resp_headers, resp_body)
+                    for start in range(0, len(whole), rule.chunk):
+                        if start:
+                            await asyncio.sleep(rule.interval_s)
+                        writer.write(whole[start : start + rule.chunk])
+                        await writer.drain()
+                    continue
                 if rule.mode == "corrupt":
                     flipped = bytes(b ^ 0x5A for b in resp_body[half : half + 64])
                     if rule.strip_checksums:

@@ -140,6 +140,24 @@ def test_broken_short_stalled_and_corrupt_bodies_are_retried_to_the_exact_bytes(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_slow_body_that_never_stalls_arrives_whole_without_a_retry(buckets, proxy, transport):
+    """`s3.read_timeout_s` bounds a stall, not a body: 1 MiB trickled 32 KiB every 0.1 s takes ~3 s against a
+    1 s read timeout. (The threads transport asks the kernel to gather a whole body before it wakes; a read
+    that times out with bytes waiting must go on, not fail the GET.)"""
+    cfg = {"endpoint_url": proxy.url, "get_transport": transport, "read_timeout_s": 1.0, "connect_timeout_s": 2.0}
+    proxy.add_rule("trickle", match=BIG, first_n=1, chunk=32768, interval_s=0.1)
+
+    async def run(store):
+        data = bytes(await store.get(BIG))
+        return data, store.counters.retries
+
+    data, retries = asyncio.run(_with_store(cfg, "httpget-pub", run, retries=0))
+    assert len(proxy.faults("trickle")) == 1
+    assert data == bytes(range(256)) * 4096
+    assert retries == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_bucket_in_another_region_is_one_clear_error_not_retries(buckets, proxy, transport):
     """S3 answers a wrong-region request with 301 PermanentRedirect and the bucket's region in a header:
     no retry helps, the message names the setting."""
